@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine: `make demo` (main job) and `make test` (test suite).
+# Both create .venv from the pinned requirements once (re-run only when requirements.txt changes).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export GRADIO_ANALYTICS_ENABLED := False
+
+.PHONY: setup demo test golden
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m student_model_v2.quickstart --output_dir outputs/quickstart
+
+test: setup
+	$(PY) -m pytest -q tests
+
+golden: setup
+	$(PY) -m student_model_v2.anytext2.golden tests/data/golden/*/

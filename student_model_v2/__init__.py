@@ -1,0 +1,1 @@
+"""AnyText2 -> 4-step LCM-LoRA distillation toolkit."""
