@@ -118,6 +118,11 @@ class GlyphFont:
             self._has_char[ch] = known
         return known
 
+    def has_ink(self, text: str) -> bool:
+        """True when ``text`` draws at least one pixel (not only spaces or zero-width characters)."""
+        left, top, right, bottom = self.get(_PROBE_SIZE).getbbox(text)
+        return right > left and bottom > top
+
     def missing_chars(self, text: str) -> list[str]:
         """Characters of ``text`` the font cannot draw, in first-occurrence order."""
         return [ch for ch in dict.fromkeys(text) if not self.has_char(ch)]
@@ -131,7 +136,7 @@ def resolve_font_path(path: str | os.PathLike[str]) -> Path:
     return (REPO_ROOT / candidate).resolve()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Patch:
     """A uint8 array ``data`` (h, w) whose top-left pixel sits at (x, y) of a larger canvas.
 
@@ -165,15 +170,17 @@ class Patch:
         self.paste_max(canvas)
         return canvas
 
-    def is_blank(self) -> bool:
-        return self.data.size == 0 or not self.data.any()
+    def visible_in(self, height: int, width: int) -> bool:
+        """True when some non-zero pixel of the patch lands inside a height x width canvas."""
+        overlap = self._overlap(height, width)
+        return overlap is not None and bool(self.data[overlap[1]].any())
 
 
 def empty_patch() -> Patch:
     return Patch(np.zeros((0, 0), np.uint8), 0, 0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LineGeometry:
     """Oriented text box of one line, derived from its polygon's minimum-area rectangle.
 

@@ -8,7 +8,7 @@ Why: a trainer killed by the kernel OOM killer gets SIGKILL with no chance to ch
 may linger. The guard starts the command in its own session/process group, polls system *available* memory
 (``psutil.virtual_memory().available``, which counts reclaimable cache), and when it drops below the threshold sends
 SIGTERM to the whole group — a trainer can save a checkpoint on SIGTERM — then SIGKILL to whatever is left after
-``--kill-timeout`` seconds.
+``--kill-timeout`` seconds (checked at the next poll, so at most one ``--interval`` later).
 
 Behaviour
 ---------
@@ -180,7 +180,7 @@ class Guard:
             time.sleep(_SHUTDOWN_POLL_S)
 
     def run(self) -> int:
-        previous = {}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in _FORWARDED_SIGNALS}
         try:
             self.child = subprocess.Popen(self.command, start_new_session=True)
             if self.pending_signal is not None:

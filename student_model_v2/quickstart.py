@@ -12,13 +12,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .anytext2.checkpoint import RANDOM_INIT_BANNER, build_random_teacher, load_teacher
 from .anytext2.config import MODELS_YAML_DIR
 from .anytext2.model import TextInfo
+from .pipeline_anytext2 import to_uint8_image
 from .samplers import sample_teacher_ddim
 
 
@@ -39,12 +39,6 @@ def block_text_info(size: int, generator: torch.Generator) -> TextInfo:
         masked_x=torch.zeros(1, 4, size // 8, size // 8),
         n_lines=[len(positions)],
     )
-
-
-def to_uint8_image(decoded: torch.Tensor) -> np.ndarray:
-    """AnyText2's decode to pixels: x*127.5+127.5, clipped, truncated to uint8."""
-    pixels = (decoded.float().permute(0, 2, 3, 1) * 127.5 + 127.5).clamp(0, 255)
-    return pixels.to(torch.uint8).cpu().numpy()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,12 +63,19 @@ class LineEmbeddings:
 
 
 def style_crops(font_hint: torch.Tensor, positions: Sequence[torch.Tensor], n_lines: Sequence[int]) -> list[torch.Tensor]:
-    """Crop each line's region out of the font hint (0..255, 3 channels), sample-major."""
+    """Crop each line's region out of the font hint (0..255, 3 channels), sample-major.
+
+    A line whose box is under one pixel thick (a tiny polygon at low resolution) gives an empty crop,
+    on which the original crashes; it becomes a blank crop, i.e. "no font hint" for that line.
+    """
     crops = []
     for i, count in enumerate(n_lines):
         source = unit_to_recognizer_image(font_hint[i].float().cpu())
         for j in range(count):
-            crops.append(crop_image(source, position_to_mask(positions[j][i].float())))
+            crop = crop_image(source, position_to_mask(positions[j][i].float()))
+            if min(crop.shape[1:]) == 0:
+                crop = crop.new_zeros(3, max(1, crop.shape[1]), max(1, crop.shape[2]))
+            crops.append(crop)
     return crops
 
 

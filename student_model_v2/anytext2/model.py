@@ -152,12 +152,14 @@ class AnyText2Model(nn.Module):
         image_captions: Sequence[str],
         text_captions: Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
+        uncond_contexts: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[Conditions, Conditions | None]:
         """Encode a batch once: (cond, AnyText2's own uncond or None).
 
         The uncond keeps the same glyphs, positions and masked image; only its captions change
         (image caption = negative prompt, text caption = ""). The line embeddings are computed once and
-        shared, since both captions see the same ``text_info``.
+        shared, since both captions see the same ``text_info``. ``uncond_contexts`` are precomputed
+        ``uncond_caption_contexts`` of ``negative_prompt`` (a trainer's cache); they skip the uncond CLIP pass.
         """
         lines = self.line_embeddings(text_info)
         batch = text_info.masked_x.shape[0]
@@ -169,9 +171,24 @@ class AnyText2Model(nn.Module):
         cond = Conditions(img_ctx, txt_ctx, glyphs, positions, masked_x, line_embeddings=lines)
         if negative_prompt is None:
             return cond, None
-        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-        un_img, un_txt = self.cond_stage_model.encode(negatives, [""] * batch, lines.per_sample)
+        if uncond_contexts is None:
+            uncond_contexts = self.uncond_caption_contexts(negative_prompt, batch, lines.per_sample)
+        un_img, un_txt = uncond_contexts
         return cond, replace(cond, image_context=un_img, text_context=un_txt)
+
+    def uncond_caption_contexts(
+        self,
+        negative_prompt: str | Sequence[str],
+        batch_size: int,
+        line_embeddings: Sequence[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP contexts of the uncond captions: (negative prompt as image caption, "" as text caption).
+
+        They depend on the lines only through ``*`` placeholders in the negative prompt, so without
+        placeholders ``line_embeddings`` may be None and the result can be reused across batches.
+        """
+        negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else list(negative_prompt)
+        return self.cond_stage_model.encode(negatives, [""] * batch_size, line_embeddings)
 
     def control_residuals(
         self, conditions: Conditions, strength: float | Sequence[float] = 1.0, return_internals: bool = False

@@ -1,0 +1,233 @@
+"""Benchmarks, one subcommand each, every one printing a JSON object on stdout.
+
+    python -m student_model_v2.bench data [--dataset_json ...] [--min_lines 5] [--repeats 3]
+    python -m student_model_v2.bench train --version v2_4 [--config ...] [--batch_size 2] [--steps 5]
+    python -m student_model_v2.bench teacher [--config models_yaml/anytext2_sd15.yaml] [--dtype bf16]
+
+``data``: CPU milliseconds per sample of the data pipeline in a single worker (torch/OpenCV pinned to
+one thread): the online path (font-hint randaug on, as in training), the online path with randaug
+off, and the LMDB path (randaug off, which the cache needs), plus the cache build time. Only samples
+with at least ``--min_lines`` usable lines are timed.
+
+``train``: per training version, seconds per optimizer step and per sample (data loading excluded:
+batches are fetched before timing), the UNet, WriteNet, VAE-encoder and CLIP caption calls of one step
+with their batch rows, and parameter memory (frozen base vs LoRA). Several ``--version`` values run in
+one process, so their ratios are comparable. Without ``--teacher_ckpt`` the teacher is the random init
+rule (fine for timing: the cost does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_DEMO_JSON = Path(__file__).resolve().parent.parent / "demodataset" / "annotations" / "demo_data.json"
+DEFAULT_TINY_YAML = Path(__file__).resolve().parent.parent / "models_yaml" / "anytext2_tiny.yaml"
+
+
+def _time_samples(dataset, indices: list[int], repeats: int) -> dict:
+    for i in indices:
+        dataset[i]
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(repeats):
+        for i in indices:
+            dataset[i]
+    n = repeats * len(indices)
+    return {"cpu_ms": round((time.process_time() - cpu0) * 1000 / n, 2),
+            "wall_ms": round((time.perf_counter() - wall0) * 1000 / n, 2)}
+
+
+def bench_data(args: argparse.Namespace) -> dict:
+    import cv2
+    import torch
+
+    from .anytext_record import RenderOptions
+    from .build_lmdb_cache import build_cache
+    from .dataset_anytext_v2 import AnyTextDataset
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory(prefix="anytext_bench_") as tmp:
+        common = dict(resolution=args.resolution, font_hint_prob=0.8, mask_img_prob=0.5, seed=0,
+                      cache_dir=str(Path(tmp) / "index"))
+        online = AnyTextDataset(args.dataset_json, font_hint_randaug=True, **common)
+        indices = [i for i in range(len(online)) if online[i]["n_lines"] >= args.min_lines]
+        if not indices:
+            raise SystemExit(f"error: no sample in {args.dataset_json} has {args.min_lines} usable lines")
+        started = time.perf_counter()
+        build_cache([args.dataset_json], str(Path(tmp) / "lmdb"), opts=RenderOptions(resolution=args.resolution),
+                    font_path=str(online.builder.font.path), num_workers=0, cache_dir=common["cache_dir"],
+                    progress=False)
+        build_s = time.perf_counter() - started
+        plain = AnyTextDataset(args.dataset_json, font_hint_randaug=False, **common)
+        cached = AnyTextDataset(args.dataset_json, font_hint_randaug=False, lmdb_path=str(Path(tmp) / "lmdb"),
+                                **common)
+        return {
+            "command": "data",
+            "dataset_json": str(args.dataset_json),
+            "samples_timed": len(indices),
+            "repeats": args.repeats,
+            "min_lines": args.min_lines,
+            "resolution": args.resolution,
+            "threads": 1,
+            "online_randaug": _time_samples(online, indices, args.repeats),
+            "online_no_randaug": _time_samples(plain, indices, args.repeats),
+            "lmdb": _time_samples(cached, indices, args.repeats),
+            "lmdb_build_s_per_image": round(build_s / len(online), 4),
+            "targets_ms": {"online": 50, "lmdb": 15},
+        }
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(args: argparse.Namespace) -> dict:
+    import importlib
+    import torch
+
+    from .training.trainer import Trainer
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="anytext_bench_train_") as tmp:
+        for version in args.version:
+            module = importlib.import_module(f"student_model_v2.train_lcm_anytext_{version}")
+            argv = ["--config", args.config, "--resolution", str(args.resolution), "--train_batch_size",
+                    str(args.batch_size), "--mixed_precision", args.mixed_precision, "--teacher_dtype",
+                    args.teacher_dtype, "--output_dir", str(Path(tmp) / version), "--use_mock_dataset",
+                    "--mock_size", str(args.batch_size * (args.warmup + args.steps)), "--train_ratio", "1.0",
+                    "--val_ratio", "0.0", "--test_ratio", "0.0", "--eval_batches", "0", "--save_steps", "0",
+                    "--max_train_steps", str(args.warmup + args.steps), "--lora_rank", str(args.lora_rank),
+                    "--lora_alpha", str(args.lora_rank)]
+            if args.teacher_ckpt:
+                argv += ["--teacher_ckpt", args.teacher_ckpt]
+            trainer = Trainer(module.build_argument_parser().parse_args(argv), module.OBJECTIVE)
+            device = trainer.accelerator.device
+            batches = list(trainer.train_loader)[: args.warmup + args.steps]
+            for batch in batches[: args.warmup]:
+                trainer.train_step(batch)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            trainer.counter.reset()
+            _sync(device)
+            started = time.perf_counter()
+            for batch in batches[args.warmup :]:
+                trainer.train_step(batch)
+            _sync(device)
+            seconds = (time.perf_counter() - started) / args.steps
+            params = list(trainer.student.parameters())
+            calls = trainer.counter
+            results[version] = {
+                "seconds_per_step": round(seconds, 4),
+                "seconds_per_sample": round(seconds / args.batch_size, 4),
+                "unet_calls_per_step": [[role, rows] for role, rows in calls.unet_calls[: len(calls.unet_calls) // args.steps]],
+                "writenet_calls_per_step": [[role, rows] for role, rows in calls.writenet_calls[: len(calls.writenet_calls) // args.steps]],
+                "vae_calls_per_step": [[role, rows] for role, rows in calls.vae_calls[: len(calls.vae_calls) // args.steps]],
+                "text_encoder_calls_per_step": [[role, rows] for role, rows in
+                                                calls.text_encoder_calls[: len(calls.text_encoder_calls) // args.steps]],
+                "frozen_param_gb": round(sum(p.numel() * p.element_size() for p in params if not p.requires_grad) / 2**30, 4),
+                "lora_param_mb": round(sum(p.numel() * p.element_size() for p in params if p.requires_grad) / 2**20, 3),
+                "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+            }
+    first = results[args.version[0]]["seconds_per_step"]
+    return {
+        "command": "train", "config": args.config, "device": str(device), "resolution": args.resolution,
+        "batch_size": args.batch_size, "mixed_precision": args.mixed_precision, "teacher_dtype": args.teacher_dtype,
+        "timed_steps": args.steps, "random_init_teacher": not args.teacher_ckpt, "versions": results,
+        "step_time_relative_to_first": {v: round(r["seconds_per_step"] / first, 3) for v, r in results.items()},
+    }
+
+
+def bench_teacher(args: argparse.Namespace) -> dict:
+    """Seconds of the teacher's operations on one batch: conditioning, WriteNet, one UNet eps call."""
+    import torch
+
+    from .anytext2.checkpoint import build_random_teacher, load_teacher
+    from .dataset_anytext_v2 import MockAnyTextDataset, collate_fn
+    from .training.conditioning import encode_batch
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.teacher_ckpt:
+        model = load_teacher(args.config, args.teacher_ckpt, dtype=dtypes[args.dtype], device=device)
+    else:
+        model = build_random_teacher(args.config, dtype=dtypes[args.dtype], device=device)
+    dataset = MockAnyTextDataset(args.batch_size, resolution=args.resolution, seed=0)
+    batch = collate_fn([dataset[i] for i in range(args.batch_size)])
+    x_t = torch.randn(args.batch_size, 4, args.resolution // 8, args.resolution // 8, device=device)
+    timings: dict[str, list[float]] = {"encode_conditions": [], "writenet": [], "unet_eps": []}
+    with torch.no_grad():
+        for repeat in range(args.warmup + args.repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            encoded = encode_batch(model, batch, "low quality")
+            _sync(device)
+            t1 = time.perf_counter()
+            residuals = model.control_residuals(encoded.cond)
+            _sync(device)
+            t2 = time.perf_counter()
+            model.predict_eps(x_t, 500, encoded.cond, residuals)
+            _sync(device)
+            t3 = time.perf_counter()
+            if repeat >= args.warmup:
+                timings["encode_conditions"].append(t1 - t0)
+                timings["writenet"].append(t2 - t1)
+                timings["unet_eps"].append(t3 - t2)
+    return {
+        "command": "teacher", "config": args.config, "device": str(device), "dtype": args.dtype,
+        "batch_size": args.batch_size, "resolution": args.resolution, "random_init_teacher": model.is_random_init,
+        "median_seconds": {k: round(sorted(v)[len(v) // 2], 4) for k, v in timings.items()},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m student_model_v2.bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="per-sample CPU cost of the data pipeline (online vs LMDB)")
+    data.add_argument("--dataset_json", default=str(DEFAULT_DEMO_JSON))
+    data.add_argument("--min_lines", type=int, default=5, help="only time samples with this many lines")
+    data.add_argument("--repeats", type=int, default=3, help="timed passes over the selected samples")
+    data.add_argument("--resolution", type=int, default=512)
+    data.set_defaults(func=bench_data)
+    train = sub.add_parser("train", help="per-step cost and model passes of the training versions")
+    train.add_argument("--version", nargs="+", default=["v2_4"], choices=["v2", "v2_2", "v2_3", "v2_4"])
+    train.add_argument("--config", default=str(DEFAULT_TINY_YAML))
+    train.add_argument("--teacher_ckpt", default="")
+    train.add_argument("--resolution", type=int, default=64)
+    train.add_argument("--batch_size", type=int, default=2)
+    train.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
+    train.add_argument("--warmup", type=int, default=1)
+    train.add_argument("--lora_rank", type=int, default=64)
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    train.add_argument("--teacher_dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    train.set_defaults(func=bench_train)
+    teacher = sub.add_parser("teacher", help="teacher forward cost: conditioning, WriteNet, one UNet call")
+    teacher.add_argument("--config", default=str(DEFAULT_TINY_YAML))
+    teacher.add_argument("--teacher_ckpt", default="")
+    teacher.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    teacher.add_argument("--device", default="")
+    teacher.add_argument("--batch_size", type=int, default=2)
+    teacher.add_argument("--resolution", type=int, default=64)
+    teacher.add_argument("--repeats", type=int, default=5)
+    teacher.add_argument("--warmup", type=int, default=2)
+    teacher.set_defaults(func=bench_teacher)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], dict] = args.func
+    print(json.dumps(func(args), indent=1))
+
+
+if __name__ == "__main__":
+    main()

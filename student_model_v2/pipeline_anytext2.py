@@ -1,0 +1,604 @@
+"""AnyText2 inference: the teacher (20-step DDIM with CFG) or the LCM-LoRA student (4 steps, no CFG).
+
+The counterpart of the original ``ms_wrapper_v2.py``, built for a UI or a script to call::
+
+    pipe = AnyText2Pipeline.from_pretrained("models_yaml/anytext2_sd15.yaml", "models/anytext_v2.0.ckpt",
+                                            lora_path="checkpoints/checkpoint-final")
+    result = pipe(TextRequest(prompt='a shop sign that reads "OPEN"', positions=[[96, 200, 416, 300]]),
+                  SamplingOptions(num_images=4, seed=100))
+    result.images            # list of (H, W, 3) uint8
+    result.glyph_image       # debug renders: glyphs with their polygons, and the font hint
+    result.font_hint_image
+
+Two stages, so each can be used (and tested) alone: :func:`build_conditioning` turns a request into
+AnyText2's per-line renders and captions with no model involved (the same rendering functions as the
+training data pipeline), and :meth:`AnyText2Pipeline.generate` encodes, samples and decodes them.
+Every problem with the input raises :class:`InferenceInputError` with a message for the user.
+
+Conditioning is built once per request at batch 1 and shared by all images (AnyText2 builds identical
+rows for every image): OCR, CLIP, the masked-image VAE encode and the WriteNet run once, only the UNet
+and the decoder see ``num_images`` rows. Random draws come from one CPU generator seeded with the
+request's seed, in AnyText2's order (masked-image posterior, initial latents, then sampler noise), so a
+seed gives the same images on any device up to kernel round-off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+
+from .anytext2.checkpoint import CheckpointError, build_random_teacher, load_teacher
+from .anytext2.config import ConfigError
+from .anytext2.model import AnyText2Model, TextInfo
+from .anytext2.ocr_preprocess import crop_image
+from .glyph_render import (COLOR_SENTINEL, DEFAULT_FONT_PATH, GLY_LINE_HEIGHT, GLY_LINE_WIDTH, FontError, GlyphFont,
+                           colorize, font_hint_base, render_gly_line, render_glyphs)
+from .inference_inputs import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, MAX_CHARS, PLACEHOLDER, InferenceInputError,
+                               Position, append_prompt, as_rgb_image, check_image_size, check_polygons_inside, find_polygon, parse_color, parse_prompt,
+                               positions_from_mask, positions_from_polygons, polygons_from_spec, prepare_edit_image,
+                               resize_mask, scrub_placeholders, validate_texts)
+from .samplers import sample_student_lcm, sample_teacher_ddim
+from .training.lora import adapters_disabled, load_lora
+
+STUDENT_STEPS = 4
+TEACHER_STEPS = 20
+MAX_SEED = 99_999_999
+HOLLOW_NOISE_PATH = Path(__file__).resolve().parent.parent / "font" / "bg_noise.png"
+
+Sampler = Literal["student", "teacher"]
+
+
+@dataclass
+class LineStyle:
+    """Attributes of one text line, index-aligned with the quoted texts.
+
+    ``font``: a font file for the font hint, or None for AnyText2's "No Font". ``mimic_image`` +
+    ``mimic_mask`` ("Mimic From Image"): an RGB image and a mask (white, or the alpha channel of an
+    RGBA array) over text whose style to copy; exclusive with ``font``. ``color``: ``'r,g,b'``,
+    ``'#rrggbb'``, ``'rgba(...)'`` or a 3-sequence; None means unspecified (AnyText2's 500 value).
+    The glyphs themselves are always drawn in the pipeline's glyph font, as AnyText2 does.
+    """
+
+    font: str | os.PathLike[str] | None = None
+    color: str | Sequence[float] | None = None
+    mimic_image: np.ndarray | None = None
+    mimic_mask: np.ndarray | None = None
+
+
+@dataclass
+class TextRequest:
+    """What to draw and where.
+
+    ``prompt`` describes the image; its quoted spans (``"…"``) become placeholders. ``text_prompt``
+    holds the lines to draw in quotes (e.g. ``'that reads "Hello", "world"'``); when None the prompt
+    serves as both, as in AnyText v1. ``positions``: polygons ``[[x, y], ...]`` or boxes
+    ``[x0, y0, x1, y1]`` in output pixels (edit mode: pixels of ``edit_image`` as given), or a mask
+    image with white text areas on black. An ``edit_image`` (RGB) switches to edit mode: the image is
+    resized to multiples of 64 (long side at most 1024) and the positions are repainted.
+    """
+
+    prompt: str
+    text_prompt: str | None = None
+    positions: Sequence[Any] | np.ndarray | None = None
+    line_styles: Sequence[LineStyle] = ()
+    width: int = 512
+    height: int = 512
+    edit_image: np.ndarray | None = None
+    a_prompt: str = DEFAULT_A_PROMPT
+    n_prompt: str = DEFAULT_N_PROMPT
+    sort_priority: str = "↕"
+    font_hollow: bool = False
+
+    @property
+    def mode(self) -> str:
+        return "edit" if self.edit_image is not None else "gen"
+
+
+@dataclass
+class SamplingOptions:
+    """How to sample. ``steps`` None means 4 for the student and 20 for the teacher.
+
+    ``guidance_scale`` and ``eta`` apply to the teacher only (the student distilled guidance in).
+    ``seed`` -1 draws a random seed (reported in the result). ``anytext2_ddim_grid`` uses AnyText2's
+    DDIM timesteps (more than ``steps`` when ``steps`` does not divide 1000) so teacher images match
+    upstream exactly; ``batch_cfg`` False runs cond and uncond as separate UNet calls like upstream.
+    """
+
+    sampler: Sampler = "student"
+    steps: int | None = None
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+    strength: float = 1.0
+    attnx_scale: float = 1.0
+    num_images: int = 1
+    seed: int = -1
+    anytext2_ddim_grid: bool = False
+    batch_cfg: bool = True
+
+    def resolved_steps(self) -> int:
+        if self.steps is not None:
+            return int(self.steps)
+        return STUDENT_STEPS if self.sampler == "student" else TEACHER_STEPS
+
+
+@dataclass
+class Conditioning:
+    """AnyText2's inputs for one request at batch 1 (NCHW float32 tensors on the CPU).
+
+    Per line ``j``: ``glyphs[j]`` ``[1,3,H,W]``, ``gly_line[j]`` ``[1,1,80,512]``, ``positions[j]``
+    ``[1,1,H,W]``, ``colors[j]`` ``[1,3]`` (RGB/255, 500/255 unspecified). ``hint`` is the union of all
+    positions (extra positions included), ``masked_image`` the edit image with the hint painted to -1
+    (all -1 when generating). ``mimic_crops[j]`` (CHW 0..255) replaces line j's font-hint crop.
+    Captions: cond = (``image_caption``, ``text_caption``), uncond = (``negative_caption``, "").
+    """
+
+    texts: list[str]
+    image_caption: str
+    text_caption: str
+    negative_caption: str
+    glyphs: list[torch.Tensor]
+    gly_line: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    colors: list[torch.Tensor]
+    font_hint: torch.Tensor
+    hint: torch.Tensor
+    masked_image: torch.Tensor
+    mode: str
+    polygons: list[np.ndarray] = field(default_factory=list)
+    mimic_crops: list[torch.Tensor | None] | None = None
+    glyph_image: np.ndarray | None = None
+    font_hint_image: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def height(self) -> int:
+        return int(self.masked_image.shape[-2])
+
+    @property
+    def width(self) -> int:
+        return int(self.masked_image.shape[-1])
+
+    def text_info(self, masked_x: torch.Tensor) -> TextInfo:
+        mimic = [list(self.mimic_crops)] if self.mimic_crops and any(c is not None for c in self.mimic_crops) else None
+        return TextInfo(glyphs=self.glyphs, gly_line=self.gly_line, positions=self.positions, colors=self.colors,
+                        font_hint=self.font_hint, masked_x=masked_x, n_lines=[len(self.texts)], mimic_images=mimic)
+
+    def describe(self) -> str:
+        """The prompts with the texts put back in place of the placeholders (for logs and the UI)."""
+        def fill(caption: str) -> str:
+            for text in self.texts:
+                caption = caption.replace(PLACEHOLDER, f'"{text}"', 1)
+            return caption
+
+        return f"{fill(self.image_caption)} | {fill(self.text_caption)}"
+
+
+@dataclass
+class InferenceResult:
+    """Images (``num_images`` x (H, W, 3) uint8), debug renders, the seed used, warnings and seconds
+    per stage (``prepare`` rendering, ``encode`` OCR/CLIP/VAE-encode, ``sample``, ``decode``, ``total``)."""
+
+    images: list[np.ndarray]
+    glyph_image: np.ndarray | None
+    font_hint_image: np.ndarray | None
+    seed: int
+    sampler: str
+    steps: int
+    warnings: list[str]
+    timings: dict[str, float]
+    prompt: str
+
+
+def to_uint8_image(decoded: torch.Tensor) -> np.ndarray:
+    """AnyText2's decode to pixels: x*127.5+127.5, clipped, truncated to uint8 (NCHW -> NHWC)."""
+    pixels = (decoded.float().permute(0, 2, 3, 1) * 127.5 + 127.5).clamp(0, 255)
+    return pixels.to(torch.uint8).cpu().numpy()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_seed(seed: int) -> int:
+    if seed is None or int(seed) < 0:
+        return random.SystemRandom().randint(0, MAX_SEED)
+    return int(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# conditioning (no model)
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """(C, H, W) or (H, W) float array -> [1, C, H, W] float32 tensor."""
+    array = np.asarray(array, np.float32)
+    if array.ndim == 2:
+        array = array[None]
+    return torch.from_numpy(np.ascontiguousarray(array))[None]
+
+
+def mimic_style_crop(image: np.ndarray, mask: np.ndarray, line: int) -> torch.Tensor:
+    """"Mimic From Image": the dark strokes inside the masked text region, deskewed (CHW 0..255).
+
+    Uses the training pipeline's font-hint thresholding on the masked region, then the recogniser's
+    crop, as AnyText2 does for ``font_hint_mimic_imgs``.
+    """
+    image = as_rgb_image(image, f"mimic image of line {line}")
+    mask = np.asarray(mask)
+    if mask.ndim == 3:
+        mask = mask[..., 3] if mask.shape[2] == 4 else mask[..., 0]
+    if mask.shape != image.shape[:2]:
+        raise InferenceInputError(f"the mimic mask of line {line} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                                  f"{image.shape[1]}x{image.shape[0]}")
+    binary = np.where(mask > 127, 255, 0).astype(np.uint8)
+    if not binary.any():
+        raise InferenceInputError(f"the mimic mask of line {line} selects nothing: paint over the text to imitate")
+    polygon, filled = find_polygon(binary)
+    strokes = font_hint_base(image, polygon).to_canvas(*image.shape[:2]).astype(np.float32) * 255.0
+    source = torch.from_numpy(strokes)[None].repeat(3, 1, 1)
+    return crop_image(source, filled)
+
+
+def hollow_font_hint(font_hint: np.ndarray, noise_gray: np.ndarray) -> np.ndarray:
+    """AnyText2's "hollow font": the font hint (H, W) 0..255 given a noisy outline and background texture,
+    imitating the outline look that light-on-dark training text has after thresholding."""
+    height, width = font_hint.shape
+    background = cv2.resize(noise_gray, (width, height))
+    background[background < 230] = 0
+    background = cv2.adaptiveThreshold(background, 255, cv2.ADAPTIVE_THRESH_GAUSSIAN_C, cv2.THRESH_BINARY, 11, 2)
+    strokes = font_hint.astype(np.uint8)
+    ring = cv2.dilate(strokes, np.ones((3, 3), np.uint8)) - cv2.dilate(strokes, np.ones((2, 2), np.uint8))
+    result = np.clip(font_hint.astype(np.float64) - background + ring, 0, 255)
+    background[strokes > 0] = 0
+    return np.clip(result + background, 0, 255)
+
+
+def load_hollow_noise(path: str | os.PathLike[str] = HOLLOW_NOISE_PATH) -> np.ndarray:
+    noise = cv2.imread(str(path))
+    if noise is None:
+        raise InferenceInputError(f"the hollow font needs AnyText2's noise texture {path} (not bundled: copy "
+                                  "font/bg_noise.png from the AnyText2 release), or turn the hollow font off")
+    return cv2.cvtColor(noise, cv2.COLOR_BGR2GRAY)
+
+
+def _resolve_positions(request: TextRequest, width: int, height: int, source_size: tuple[int, int] | None) -> list[Position]:
+    """Positions in the output frame; ``source_size`` (w, h) is the edit image's size before resizing."""
+    spec = request.positions
+    if spec is None:
+        return []
+    if isinstance(spec, np.ndarray):
+        if source_size is not None:
+            spec = resize_mask(spec, width, height)
+        elif spec.shape[:2] != (height, width):
+            raise InferenceInputError(f"the position mask is {spec.shape[1]}x{spec.shape[0]} but the image is "
+                                      f"{width}x{height}")
+        return positions_from_mask(spec, request.sort_priority)
+    polygons = polygons_from_spec(spec)
+    if source_size is not None:
+        check_polygons_inside(polygons, *source_size)
+        factor = np.array([width / source_size[0], height / source_size[1]], np.float32)
+        polygons = [p * factor for p in polygons]
+    return positions_from_polygons(polygons, width, height)
+
+
+def build_conditioning(
+    request: TextRequest,
+    glyph_font: GlyphFont,
+    font_loader: Callable[[str | os.PathLike[str]], GlyphFont] | None = None,
+    hollow_noise: Callable[[], np.ndarray] = load_hollow_noise,
+    max_chars: int = MAX_CHARS,
+) -> Conditioning:
+    """AnyText2's conditioning for a request (``ms_wrapper.py`` semantics, see the module docstrings).
+
+    ``glyph_font`` draws the glyphs and OCR strips; ``font_loader`` opens the per-line hint fonts.
+    """
+    font_loader = font_loader or GlyphFont
+    warnings: list[str] = []
+    image_prompt = parse_prompt(request.prompt)
+    text_prompt = image_prompt if request.text_prompt is None else parse_prompt(request.text_prompt)
+    warnings += image_prompt.warnings + (text_prompt.warnings if text_prompt is not image_prompt else [])
+    texts, cut = validate_texts(text_prompt.texts, max_chars)
+    warnings += cut
+    if len(image_prompt.texts) > len(texts):
+        raise InferenceInputError(f"the image prompt quotes {len(image_prompt.texts)} texts but the text prompt has only "
+                                  f"{len(texts)}; quote each line to draw in the text prompt")
+    a_prompt = scrub_placeholders(request.a_prompt, "added prompt", warnings)
+    n_prompt = scrub_placeholders(request.n_prompt, "negative prompt", warnings)
+
+    source_size = None
+    if request.edit_image is not None:
+        original = as_rgb_image(request.edit_image, "edit image")
+        source_size = (original.shape[1], original.shape[0])
+        edit_image = prepare_edit_image(original)
+        height, width = edit_image.shape[:2]
+    else:
+        width, height = request.width, request.height
+        check_image_size(width, height)
+        edit_image = np.zeros((height, width, 3), np.float32)
+    positions = _resolve_positions(request, width, height, source_size)
+    if request.edit_image is not None and not positions:
+        raise InferenceInputError("editing needs a mask (or polygons) marking the text areas to repaint")
+    if len(positions) < len(texts):
+        found = f"{len(positions)} position{'s' if len(positions) != 1 else ''}"
+        raise InferenceInputError(f"the prompt has {len(texts)} quoted text{'s' if len(texts) != 1 else ''} but "
+                                  f"{found} {'was' if len(positions) == 1 else 'were'} given; give one position per text")
+    if len(positions) > len(texts):
+        warnings.append(f"{len(positions)} positions for {len(texts)} texts: the extra positions are only masked "
+                        "(repainted) and get no text")
+    styles = list(request.line_styles)
+    if len(styles) > len(texts):
+        warnings.append(f"{len(styles)} line styles for {len(texts)} texts: the extra styles are ignored")
+    styles += [LineStyle()] * (len(texts) - len(styles))
+
+    glyphs, gly_lines, line_masks, colors, mimic_crops, debug = [], [], [], [], [], []
+    font_hint = np.zeros((height, width), np.float32)
+    for index, (text, position, style) in enumerate(zip(texts, positions, styles), start=1):
+        missing = glyph_font.missing_chars(text)
+        if missing:
+            raise InferenceInputError(f'text line {index} "{text}": the glyph font {glyph_font.path.name} has no '
+                                      f"glyph for {''.join(missing)!r}")
+        try:
+            patch = render_glyphs(glyph_font, text, position.polygon, add_space=True)
+        except ValueError as exc:
+            raise InferenceInputError(f'text line {index} "{text}": position {index} is too small to hold it ({exc})') from exc
+        if not patch.visible_in(height, width):
+            raise InferenceInputError(f'text line {index} "{text}" falls outside the image at position {index}')
+        color = parse_color(style.color, index)
+        glyph = colorize(patch, color, height, width)
+        glyphs.append(_tensor(glyph))
+        gly_lines.append(_tensor(render_gly_line(glyph_font, text).astype(np.float32)))
+        line_masks.append(_tensor(position.mask.astype(np.float32)))
+        colors.append(torch.tensor([color], dtype=torch.float32) / 255.0)
+        outline = np.ascontiguousarray(glyph.transpose(1, 2, 0) * 255.0)
+        cv2.drawContours(outline, [np.round(position.polygon).astype(np.int32).reshape(-1, 1, 2)], 0, (255, 255, 255), 1)
+        debug.append(outline)
+        if style.mimic_image is not None or style.mimic_mask is not None:
+            if style.font is not None:
+                raise InferenceInputError(f"text line {index}: choose either a font or an image to mimic, not both")
+            if style.mimic_image is None or style.mimic_mask is None:
+                raise InferenceInputError(f"text line {index}: mimicking a font needs both an image and a mask")
+            mimic_crops.append(mimic_style_crop(style.mimic_image, style.mimic_mask, index))
+            continue
+        mimic_crops.append(None)
+        if style.font is not None:
+            try:
+                font = font_loader(style.font)
+            except (FileNotFoundError, FontError) as exc:
+                raise InferenceInputError(f"text line {index}: {exc}") from exc
+            missing = font.missing_chars(text)
+            if missing:
+                raise InferenceInputError(f'text line {index} "{text}": the font {font.path.name} has no glyph for '
+                                          f"{''.join(missing)!r}")
+            hint = render_glyphs(font, text, position.polygon, add_space=True)
+            font_hint += colorize(hint, (255, 255, 255), height, width)[0]
+    np.clip(font_hint, 0.0, 1.0, out=font_hint)
+    if request.font_hollow and font_hint.any():
+        font_hint = (hollow_font_hint(font_hint * 255.0, hollow_noise()) / 255.0).astype(np.float32)
+
+    if not texts:
+        texts = [" "]
+        glyphs = [_tensor(np.zeros((3, height, width)))]
+        gly_lines = [_tensor(np.zeros((1, GLY_LINE_HEIGHT, GLY_LINE_WIDTH)))]
+        line_masks = [_tensor(np.zeros((height, width)))]
+        colors = [torch.full((1, 3), COLOR_SENTINEL / 255.0)]
+        mimic_crops = [None]
+    hint = np.zeros((height, width), np.float32)
+    for position in positions:
+        hint = np.maximum(hint, position.mask)
+    masked = np.clip(edit_image.astype(np.float32) / 127.5 - 1.0 - 10.0 * hint[..., None], -1.0, 1.0)
+    glyph_image = np.clip(sum(debug), 0, 255).astype(np.uint8) if debug else np.zeros((height, width, 3), np.uint8)
+    return Conditioning(
+        texts=texts,
+        image_caption=append_prompt(image_prompt.caption, a_prompt),
+        text_caption=text_prompt.caption,
+        negative_caption=n_prompt,
+        glyphs=glyphs, gly_line=gly_lines, positions=line_masks, colors=colors,
+        font_hint=_tensor(font_hint), hint=_tensor(hint), masked_image=_tensor(masked.transpose(2, 0, 1)),
+        mode=request.mode, polygons=[p.polygon for p in positions[: len(texts)]], mimic_crops=mimic_crops,
+        glyph_image=glyph_image,
+        font_hint_image=np.repeat((font_hint * 255.0).astype(np.uint8)[..., None], 3, axis=2),
+        warnings=warnings,
+    )
+
+
+def conditioning_from_sample(sample: dict[str, Any], negative_prompt: str = DEFAULT_N_PROMPT) -> Conditioning:
+    """Conditioning of one dataset sample (``AnyTextDataset`` / ``MockAnyTextDataset`` item), captions as trained."""
+    n = int(sample["n_lines"])
+    glyphs = [g[None].float() for g in sample["glyphs"][:n]]
+    glyph_image = np.clip(sum(g[0].numpy().transpose(1, 2, 0) for g in glyphs) * 255.0, 0, 255).astype(np.uint8)
+    font_hint = sample["font_hint"][None].float()
+    return Conditioning(
+        texts=list(sample["texts"][:n]),
+        image_caption=sample["img_caption"].replace(PLACEHOLDER, " "),
+        text_caption=sample["text_caption"],
+        negative_caption=negative_prompt,
+        glyphs=glyphs,
+        gly_line=[g[None].float() for g in sample["gly_line"][:n]],
+        positions=[p[None].float() for p in sample["positions"][:n]],
+        colors=[c[None].float() for c in sample["color"][:n]],
+        font_hint=font_hint,
+        hint=sample["hint"][None].float(),
+        masked_image=sample["masked_img"][None].float(),
+        mode="edit" if bool((sample["masked_img"] > -1).any()) else "gen",
+        glyph_image=glyph_image,
+        font_hint_image=np.repeat((font_hint[0, 0].numpy() * 255.0).astype(np.uint8)[..., None], 3, axis=2),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class AnyText2Pipeline:
+    """One AnyText2 model serving the student (LoRA on) and, unless the LoRA is merged, the teacher.
+
+    ``load_lora(merge=True)`` folds the adapter into the weights (fastest student; the teacher is then
+    gone); ``merge=False`` keeps it separate with a scale, and teacher sampling disables it.
+    """
+
+    def __init__(self, model: AnyText2Model, font_path: str | os.PathLike[str] = DEFAULT_FONT_PATH) -> None:
+        self.model = model
+        try:
+            self.glyph_font = GlyphFont(font_path)
+        except (FileNotFoundError, FontError) as exc:
+            raise InferenceInputError(f"glyph font: {exc}") from exc
+        self._fonts: dict[str, GlyphFont] = {str(self.glyph_font.path): self.glyph_font}
+        self._peft = None
+        self.lora_path: str | None = None
+        self.lora_scale = 1.0
+        self.lora_merged = False
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        config: str | os.PathLike[str],
+        teacher_ckpt: str | os.PathLike[str] | None = None,
+        lora_path: str | os.PathLike[str] | None = None,
+        *,
+        lora_scale: float = 1.0,
+        merge_lora: bool = True,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        font_path: str | os.PathLike[str] = DEFAULT_FONT_PATH,
+        trust_checkpoint: bool = False,
+    ) -> "AnyText2Pipeline":
+        """Build from a YAML and a checkpoint (no checkpoint: the random init-rule teacher, for tests)."""
+        device = torch.device(device) if device else default_device()
+        try:
+            if teacher_ckpt:
+                model = load_teacher(config, teacher_ckpt, dtype=dtype, device=device, trust_pickle=trust_checkpoint)
+            else:
+                model = build_random_teacher(config, dtype=dtype, device=device)
+        except (CheckpointError, ConfigError, FileNotFoundError) as exc:
+            raise InferenceInputError(str(exc)) from exc
+        pipe = cls(model, font_path)
+        if lora_path:
+            pipe.load_lora(lora_path, scale=lora_scale, merge=merge_lora)
+        return pipe
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_path is not None
+
+    @property
+    def can_sample_teacher(self) -> bool:
+        return not self.lora_merged
+
+    def load_lora(self, path: str | os.PathLike[str], scale: float = 1.0, merge: bool = True) -> None:
+        """Apply a student adapter folder (``adapter_config.json`` + weights), scaled by ``scale``."""
+        from peft.tuners.lora import LoraLayer
+
+        if self.has_lora:
+            raise InferenceInputError(f"a student LoRA is already applied ({self.lora_path}); build a new pipeline")
+        try:
+            peft_model = load_lora(self.model, path)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise InferenceInputError(f"cannot apply the LoRA {path}: {exc}") from exc
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                for adapter in list(module.scaling):
+                    module.set_scale(adapter, scale)
+        if merge:
+            self.model = peft_model.merge_and_unload()
+        else:
+            self._peft = peft_model
+        self.model.eval()
+        self.lora_path, self.lora_scale, self.lora_merged = str(path), float(scale), bool(merge)
+
+    def font(self, path: str | os.PathLike[str]) -> GlyphFont:
+        """A per-line hint font, opened once per pipeline."""
+        key = str(Path(path).expanduser())
+        if key not in self._fonts:
+            self._fonts[key] = GlyphFont(path)
+        return self._fonts[key]
+
+    def prepare(self, request: TextRequest) -> Conditioning:
+        return build_conditioning(request, self.glyph_font, self.font)
+
+    @contextlib.contextmanager
+    def _weights_for(self, sampler: Sampler) -> Iterator[list[str]]:
+        """The teacher runs with the adapters disabled; yields warnings about the weights used."""
+        if sampler == "teacher":
+            if self.lora_merged:
+                raise InferenceInputError("the student LoRA is merged into the weights, so the teacher is not "
+                                          "available; load the LoRA unmerged to sample both")
+            with adapters_disabled(self._peft) if self._peft is not None else contextlib.nullcontext():
+                yield []
+            return
+        if sampler != "student":
+            raise InferenceInputError(f"sampler must be 'student' or 'teacher', got {sampler!r}")
+        yield [] if self.has_lora else ["no student LoRA is loaded: this is few-step LCM sampling of the base teacher"]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def generate(self, conditioning: Conditioning, options: SamplingOptions | None = None) -> InferenceResult:
+        """Encode, sample and decode ``options.num_images`` images for prepared conditioning."""
+        options = options or SamplingOptions()
+        if options.num_images < 1:
+            raise InferenceInputError(f"the image count must be at least 1, got {options.num_images}")
+        steps = options.resolved_steps()
+        if steps < 1:
+            raise InferenceInputError(f"the number of steps must be at least 1, got {steps}")
+        seed = resolve_seed(options.seed)
+        generator = torch.Generator().manual_seed(seed)
+        timings: dict[str, float] = {}
+        with self._weights_for(options.sampler) as weight_warnings:
+            self._sync()
+            start = time.perf_counter()
+            masked_x = self.model.vae_encode(conditioning.masked_image, generator=generator).float()
+            guided = options.sampler == "teacher" and options.guidance_scale != 1.0
+            cond, uncond = self.model.encode_conditions(
+                conditioning.text_info(masked_x), [conditioning.image_caption], [conditioning.text_caption],
+                conditioning.negative_caption if guided else None)
+            latent_shape = (options.num_images, self.model.config.latent_channels, *masked_x.shape[-2:])
+            latents = torch.randn(latent_shape, generator=generator)
+            self._sync()
+            timings["encode"] = time.perf_counter() - start
+            start = time.perf_counter()
+            if options.sampler == "teacher":
+                latents = sample_teacher_ddim(
+                    self.model, cond, uncond, steps, options.guidance_scale, options.eta, generator,
+                    options.strength, options.attnx_scale, latents, images_per_condition=options.num_images,
+                    batch_cfg=options.batch_cfg, anytext2_grid=options.anytext2_ddim_grid)
+            else:
+                latents = sample_student_lcm(self.model, cond, steps, generator, strength=options.strength,
+                                             attnx_scale=options.attnx_scale, latents=latents,
+                                             images_per_condition=options.num_images)
+            self._sync()
+            timings["sample"] = time.perf_counter() - start
+            start = time.perf_counter()
+            images = to_uint8_image(self.model.vae_decode(latents))
+            timings["decode"] = time.perf_counter() - start
+        timings["total"] = sum(timings.values())
+        return InferenceResult(
+            images=list(images), glyph_image=conditioning.glyph_image, font_hint_image=conditioning.font_hint_image,
+            seed=seed, sampler=options.sampler, steps=steps, warnings=list(conditioning.warnings) + weight_warnings,
+            timings=timings, prompt=conditioning.describe(),
+        )
+
+    def __call__(self, request: TextRequest, options: SamplingOptions | None = None) -> InferenceResult:
+        """Prepare and generate; ``timings`` then also holds ``prepare`` and ``total``."""
+        start = time.perf_counter()
+        conditioning = self.prepare(request)
+        prepared = time.perf_counter() - start
+        result = self.generate(conditioning, options)
+        result.timings["prepare"] = prepared
+        result.timings["total"] += prepared
+        return result

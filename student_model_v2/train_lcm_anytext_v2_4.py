@@ -1,0 +1,106 @@
+"""v2_4: LCM-LoRA consistency distillation of AnyText2 (the official recipe, done right).
+
+Per micro-batch: pick a grid index i, start s = (i+1)*(1000//N) - 1 and target t = s - k*(1000//N)
+(clamped at 0); noise the latent to x_s; one DDIM step of the CFG teacher (AnyText2's own uncond,
+LCM-form guidance w ~ U[w_min, w_max]) gives x_t; the target is the online student's boundary-scaled
+x0 at (x_t, t) without grad; the prediction is the student's boundary-scaled x0 at (x_s, s).
+
+Usage: ``python student_model_v2/train_lcm_anytext_v2_4.py --help`` or through launch_from_yaml.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make the package importable (accelerate launch path/to/script.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from student_model_v2 import lcm_utils_v2 as lcm
+from student_model_v2.training.aux_losses import AuxiliaryLosses, add_aux_loss_arguments
+from student_model_v2.training.trainer import Denoisers, LossOutput, Objective, make_parser, run
+
+
+class LCMObjective(Objective):
+    """Consistency distillation with the online student as target network (LCM-LoRA)."""
+
+    name = "v2_4"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--w_min", type=float, default=5.0, help="LCM-form guidance w (classic CFG scale s = w + 1)")
+        parser.add_argument("--w_max", type=float, default=15.0)
+        parser.add_argument("--lcm_step", type=int, default=1, help="grid points k between start and target")
+        parser.add_argument("--sigma_data", type=float, default=lcm.SIGMA_DATA)
+        parser.add_argument("--timestep_scaling", type=float, default=lcm.TIMESTEP_SCALING)
+        parser.add_argument("--loss_type", choices=["l2", "huber", "legacy_huber"], default="l2",
+                            help="l2, pseudo-Huber (huber_c) or the original toolkit's Huber delta=1")
+        parser.add_argument("--huber_c", type=float, default=lcm.HUBER_C)
+        parser.add_argument("--target_from_teacher", action="store_true",
+                            help="legacy (original v2_4 template): regress the CFG teacher's x0 at x_t instead of "
+                                 "the student's consistency target (not LCM; 2 more teacher passes)")
+        add_aux_loss_arguments(parser, ffl_weight=0.0, grad_weight=0.0)
+
+    def __init__(self, args: argparse.Namespace, alphas_cumprod: torch.Tensor) -> None:
+        super().__init__(args, alphas_cumprod)
+        if args.w_min > args.w_max:
+            raise ValueError(f"--w_min {args.w_min} > --w_max {args.w_max}")
+        if not 1 <= args.lcm_step < args.num_inference_steps:
+            raise ValueError(f"--lcm_step must be in [1, {args.num_inference_steps - 1}]")
+        if args.timestep_scaling <= 0:
+            raise ValueError("--timestep_scaling must be > 0")
+        self.solver = lcm.DDIMSolver(alphas_cumprod.cpu(), args.num_inference_steps).to(alphas_cumprod.device)
+        self.aux = AuxiliaryLosses(args)
+
+    def _boundary(self, sample: torch.Tensor, pred_x0: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return lcm.consistency_output(sample, pred_x0, timesteps, self.args.sigma_data, self.args.timestep_scaling)
+
+    def compute_loss(self, denoisers: Denoisers, latents: torch.Tensor, batch: dict[str, Any],
+                     generator: torch.Generator) -> LossOutput:
+        args, ac = self.args, self.alphas_cumprod
+        batch_size, device = latents.shape[0], latents.device
+        pairs = lcm.sample_timestep_pairs(self.solver, batch_size, args.lcm_step, generator=generator, device=device)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        x_s = lcm.add_noise(latents, noise, pairs.start, ac)
+        w = lcm.sample_guidance_scale(batch_size, args.w_min, args.w_max, generator=generator, device=device)
+
+        eps_c, eps_u = denoisers.teacher_eps(x_s, pairs.start)
+        x0_c = lcm.predicted_origin(eps_c, pairs.start, x_s, "epsilon", ac)
+        x0_u = lcm.predicted_origin(eps_u, pairs.start, x_s, "epsilon", ac)
+        x0_cfg = lcm.lcm_guidance(x0_c, x0_u, lcm.append_dims(w, 4))
+        eps_cfg = lcm.lcm_guidance(eps_c, eps_u, lcm.append_dims(w, 4))
+        x_t = self.solver.ddim_step(x0_cfg, eps_cfg, pairs.index, args.lcm_step)
+
+        eps_student = denoisers.student_eps(x_s, pairs.start)
+        pred = self._boundary(x_s, lcm.predicted_origin(eps_student, pairs.start, x_s, "epsilon", ac), pairs.start)
+
+        with torch.no_grad():
+            if args.target_from_teacher:
+                t_c, t_u = denoisers.teacher_eps(x_t, pairs.target)
+                target_eps = lcm.lcm_guidance(t_c, t_u, lcm.append_dims(w, 4))
+            else:
+                target_eps = denoisers.target_eps(x_t, pairs.target)
+            target = self._boundary(x_t, lcm.predicted_origin(target_eps, pairs.target, x_t, "epsilon", ac), pairs.target)
+
+        main = lcm.consistency_loss(pred, target, args.loss_type, args.huber_c)
+        terms = {"lcm": float(main.detach())}
+        return LossOutput(self.aux.add(main, pred, target, batch, terms), terms)
+
+
+OBJECTIVE = LCMObjective
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    return make_parser(LCMObjective, __doc__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(LCMObjective, argv, __doc__)
+
+
+if __name__ == "__main__":
+    main()

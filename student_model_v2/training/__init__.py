@@ -1,0 +1,1 @@
+"""Shared training machinery for every distillation version (LoRA, trainer loop, checkpoints)."""

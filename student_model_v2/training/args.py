@@ -1,0 +1,115 @@
+"""Command-line flags shared by every training version (the original toolkit's names where it had them).
+
+Each version script adds only the flags of its objective. ``launch_from_yaml.py`` checks YAML keys
+against the parser built here, so an unknown key fails with a suggestion instead of a crash deep in
+argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..anytext2.config import MODELS_YAML_DIR, REPO_ROOT
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "low-res, bad anatomy, extra digit, fewer digits, cropped, worst quality, low quality, watermark, "
+    "unreadable text, messy words, distorted text, disorganized writing, advertising picture"
+)
+DEFAULT_DATASET = str(REPO_ROOT / "demodataset" / "annotations" / "demo_data.json")
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--config", default=str(MODELS_YAML_DIR / "anytext2_tiny.yaml"), help="model YAML (original schema)")
+    model.add_argument("--teacher_ckpt", default="", help="AnyText2 checkpoint; empty = random init rule (tiny/benchmarks only)")
+    model.add_argument("--trust_checkpoint", action="store_true", help="allow pickled objects other than tensors in --teacher_ckpt")
+    model.add_argument("--teacher_dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                       help="dtype of the frozen base weights (LoRA weights stay fp32)")
+    model.add_argument("--gradient_checkpointing", action="store_true", help="recompute UNet/WriteNet blocks in backward")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--output_dir", default=str(REPO_ROOT / "runs" / "student"))
+    out.add_argument("--add_time_suffix", action="store_true", help="append /train_YYYYmmdd_HHMMSS (one name for all ranks)")
+    out.add_argument("--logging_steps", type=int, default=10)
+    out.add_argument("--save_steps", type=int, default=2000, help="checkpoint every N optimizer steps (0 = off)")
+    out.add_argument("--save_epochs", type=int, default=0, help="checkpoint every N epochs (0 = off)")
+    out.add_argument("--log_image_steps", type=int, default=0, help="preview grid every N steps (0 = off)")
+    out.add_argument("--log_image_samples", type=int, default=4)
+    out.add_argument("--log_image_infer_steps", type=int, default=4, help="LCM steps of the student preview")
+    out.add_argument("--log_image_dir", default="", help="default <output_dir>/train_img")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_json", nargs="+", default=[DEFAULT_DATASET],
+                      help="AnyText2 JSON/JSONL files, comma lists or .list/.txt files of paths")
+    data.add_argument("--use_mock_dataset", action="store_true", help="synthetic samples, no files needed")
+    data.add_argument("--mock_size", type=int, default=64)
+    data.add_argument("--lmdb_path", default="", help="LMDB render cache from build_lmdb_cache.py")
+    data.add_argument("--resolution", type=int, default=512)
+    data.add_argument("--max_lines", type=int, default=5)
+    data.add_argument("--max_chars", type=int, default=20)
+    data.add_argument("--font_path", default=str(REPO_ROOT / "font" / "NotoSansCJKsc-Regular-subset.otf"))
+    data.add_argument("--mask_img_prob", type=float, default=0.5, help="probability of an edit-mode sample")
+    data.add_argument("--font_hint_prob", type=float, default=0.8)
+    data.add_argument("--no_font_hint_randaug", action="store_true", help="disable font-hint random augmentation")
+    data.add_argument("--wm_thresh", type=float, default=1.0, help="keep samples with wm_score < thresh")
+    data.add_argument("--cache_dir", default="", help="where streaming JSON indexes are stored")
+    data.add_argument("--train_ratio", type=float, default=0.9)
+    data.add_argument("--val_ratio", type=float, default=0.05)
+    data.add_argument("--test_ratio", type=float, default=0.05)
+    data.add_argument("--split_seed", type=int, default=42)
+    data.add_argument("--num_workers", type=int, default=0)
+    data.add_argument("--prefetch_factor", type=int, default=2)
+    data.add_argument("--persistent_workers", action="store_true")
+    data.add_argument("--pin_memory", action="store_true")
+    data.add_argument("--worker_num_threads", type=int, default=1, help="torch/cv2 threads inside each data worker")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--train_batch_size", type=int, default=1, help="per process")
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    opt.add_argument("--learning_rate", type=float, default=1e-4)
+    opt.add_argument("--adam_beta1", type=float, default=0.9)
+    opt.add_argument("--adam_beta2", type=float, default=0.999)
+    opt.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    opt.add_argument("--adam_epsilon", type=float, default=1e-8)
+    opt.add_argument("--max_grad_norm", type=float, default=1.0)
+    opt.add_argument("--lr_scheduler", choices=["constant", "warmup_cosine"], default="constant")
+    opt.add_argument("--lr_warmup_steps", type=int, default=0)
+    opt.add_argument("--lr_min_ratio", type=float, default=0.0, help="cosine floor as a fraction of the LR")
+    opt.add_argument("--max_train_steps", type=int, default=1000, help="optimizer updates (cap in epoch mode; 0 = none)")
+    opt.add_argument("--max_epochs", type=int, default=0, help="> 0: epoch-driven training")
+    opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    opt.add_argument("--allow_tf32", action="store_true")
+    opt.add_argument("--seed", type=int, default=42)
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora_rank", type=int, default=64)
+    lora.add_argument("--lora_alpha", type=float, default=64)
+    lora.add_argument("--lora_dropout", type=float, default=0.0)
+
+    distil = parser.add_argument_group("distillation (shared)")
+    distil.add_argument("--num_inference_steps", type=int, default=50,
+                        help="N of the training timestep grid (DDIM solver grid), not an inference step count")
+    distil.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT,
+                        help="image caption of AnyText2's uncond (its text caption is empty)")
+    distil.add_argument("--control_strength", type=float, default=1.0)
+    distil.add_argument("--attnx_scale", type=float, default=1.0)
+
+    resume = parser.add_argument_group("resume and evaluation")
+    resume.add_argument("--resume_path", default="", help="a checkpoint folder of this trainer (or 'latest')")
+    resume.add_argument("--resume_optimizer", action="store_true",
+                        help="also restore optimizer, LR schedule, RNG and data position from training_state.pt")
+    resume.add_argument("--resume_add_steps", type=int, default=0, help="> 0: train this many more steps after resuming")
+    resume.add_argument("--eval_batches", type=int, default=1, help="val batches per evaluation (0 = off)")
+    resume.add_argument("--stop_after_steps", type=int, default=0,
+                        help="> 0: checkpoint and stop after this many updates of this run, keeping the schedule of "
+                        "max_train_steps (for time-limited cluster jobs; resume later)")
+    return parser
+
+
+def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """Repo-relative defaults stay absolute; user paths are taken as given (relative to the CWD)."""
+    for key in ("config", "output_dir", "font_path"):
+        setattr(args, key, str(Path(getattr(args, key)).expanduser()))
+    return args

@@ -1,0 +1,565 @@
+"""The training loop every distillation version shares; a version supplies only its objective.
+
+One copy of the AnyText2 weights serves teacher (adapters disabled) and student (LoRA enabled). The
+student's gradient pass goes through the accelerate-prepared (DDP) module, so gradients are averaged
+across ranks; teacher and target passes run without grad on the unwrapped module.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..anytext2.checkpoint import RANDOM_INIT_BANNER, build_random_teacher, load_teacher
+from ..anytext2.model import AnyText2Model, Conditions, concat_conditions
+from ..lcm_utils_v2 import anytext2_alphas_cumprod
+from .args import build_parser
+from .checkpointing import latest_checkpoint, load_training_state, restore_rng_state, rng_state, save_checkpoint
+from .conditioning import EncodedBatch, UncondCaptionCache, encode_batch
+from .data import build_dataloaders
+from .lora import adapters_disabled, add_lora, load_lora
+from .previews import save_preview_grid
+
+logger = logging.getLogger("student_model_v2.train")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SIGTERM_EXIT_CODE = 143
+
+
+class StudentForward(nn.Module):
+    """The student's trainable computation as one module, so DDP sees it through ``forward``.
+
+    One call computes the WriteNet residuals and the UNet eps with the LoRA adapters enabled.
+    """
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+
+    @property
+    def anytext2(self) -> AnyText2Model:
+        return self.peft_model.base_model.model
+
+    def train(self, mode: bool = True) -> "StudentForward":
+        """Only the LoRA dropouts follow the mode; the frozen AnyText2 stays in eval mode.
+
+        A plain ``.train()`` would put the two OCR copies' BatchNorm into batch statistics and let it
+        update its running statistics, so teacher conditioning would drift during training (the
+        original toolkit's defect D7/D8).
+        """
+        self.training = mode
+        self.anytext2.eval()
+        for module in self.peft_model.modules():
+            if isinstance(module, BaseTunerLayer):
+                for dropout in module.lora_dropout.values():
+                    dropout.train(mode)
+        return self
+
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions, strength: float,
+                attnx_scale: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model = self.anytext2
+        residuals = model.control_residuals(conditions, strength)
+        return model.predict_eps(x_t, timesteps, conditions, residuals, attnx_scale), residuals
+
+
+@dataclass
+class PassCounter:
+    """Model calls of training steps as (role, rows), for benchmarks and tests.
+
+    UNet and WriteNet calls (roles teacher/student/target), VAE encoder calls (role "encode") and CLIP
+    caption passes (roles cond/uncond; a cached uncond adds none).
+    """
+
+    unet_calls: list[tuple[str, int]] = field(default_factory=list)
+    writenet_calls: list[tuple[str, int]] = field(default_factory=list)
+    vae_calls: list[tuple[str, int]] = field(default_factory=list)
+    text_encoder_calls: list[tuple[str, int]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.unet_calls.clear()
+        self.writenet_calls.clear()
+        self.vae_calls.clear()
+        self.text_encoder_calls.clear()
+
+    def record_encoding(self, encoded: EncodedBatch) -> None:
+        self.vae_calls.extend(("encode", rows) for rows in encoded.vae_calls)
+        self.text_encoder_calls.extend(encoded.text_encoder_calls)
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """How a version runs its frozen passes; the numbers are the same, only the cost differs.
+
+    * ``merged_vae``: ``img`` and ``masked_img`` in one VAE call (else two);
+    * ``cache_uncond_captions``: reuse the uncond CLIP contexts across batches (``UncondCaptionCache``);
+    * ``batched_teacher``: cond and uncond rows in one WriteNet and one UNet call (else one per condition);
+    * ``teacher_inference_mode``: teacher under ``torch.inference_mode`` (else ``no_grad``); its outputs
+      are cloned out of inference mode before they meet the student's autograd graph.
+
+    The defaults are the shared trainer's path (v2_4); the original v2 baseline turns every switch to
+    its slow side so that v2_2's speed-ups are measured against it.
+    """
+
+    merged_vae: bool = True
+    cache_uncond_captions: bool = False
+    batched_teacher: bool = True
+    teacher_inference_mode: bool = False
+
+
+class Denoisers:
+    """The three roles one set of weights plays in a step: CFG teacher, student (grad) and target.
+
+    WriteNet residuals do not depend on the latent or the timestep (``fast_control``), so each role
+    computes them at most once per batch: the teacher once per row set (cond+uncond batched, or cond and
+    uncond separately under the baseline plan), the student once with grad, and the target reuses the
+    student's residuals detached.
+    """
+
+    def __init__(self, student: nn.Module, model: AnyText2Model, accelerator: Accelerator, args: argparse.Namespace,
+                 encoded: EncodedBatch, counter: PassCounter, plan: PassPlan = PassPlan()) -> None:
+        self.student_module = student
+        self.model = model
+        self.accelerator = accelerator
+        self.strength = args.control_strength
+        self.attnx_scale = args.attnx_scale
+        self.encoded = encoded
+        self.counter = counter
+        self.plan = plan
+        self._teacher: dict[str, tuple[Conditions, list[torch.Tensor]]] = {}
+        self._student_residuals: list[torch.Tensor] | None = None
+
+    def teacher_eps(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher (adapters off) eps for cond and uncond rows: (eps_c, eps_u or None).
+
+        ``plan.batched_teacher``: both rows in one UNet call, else one call per condition (v2 baseline).
+        """
+        guided = self.encoded.uncond is not None
+        grad_off = torch.inference_mode() if self.plan.teacher_inference_mode else torch.no_grad()
+        with grad_off, adapters_disabled(self.model), self.accelerator.autocast():
+            if guided and self.plan.batched_teacher:
+                both = self._teacher_pass("cond+uncond", torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]))
+                eps_c, eps_u = both.chunk(2)
+            else:
+                eps_c = self._teacher_pass("cond", x_t, timesteps)
+                eps_u = self._teacher_pass("uncond", x_t, timesteps) if guided else None
+        return _out_of_inference(eps_c), None if eps_u is None else _out_of_inference(eps_u)
+
+    def _teacher_pass(self, rows: str, x_in: torch.Tensor, t_in: torch.Tensor) -> torch.Tensor:
+        """One teacher UNet call on ``rows`` (cond, uncond or cond+uncond), WriteNet once per rows and batch."""
+        if rows not in self._teacher:
+            if rows == "cond+uncond":
+                conditions = concat_conditions([self.encoded.cond, self.encoded.uncond])
+            else:
+                conditions = self.encoded.cond if rows == "cond" else self.encoded.uncond
+            self._teacher[rows] = (conditions, self.model.control_residuals(conditions, self.strength))
+            self.counter.writenet_calls.append(("teacher", conditions.batch_size))
+        conditions, residuals = self._teacher[rows]
+        eps = self.model.predict_eps(x_in, t_in, conditions, residuals, self.attnx_scale)
+        self.counter.unet_calls.append(("teacher", x_in.shape[0]))
+        return eps
+
+    def student_eps(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Student eps with grad, through the prepared (DDP) module."""
+        eps, residuals = self.student_module(x_t, timesteps, self.encoded.cond, self.strength, self.attnx_scale)
+        self._student_residuals = [r.detach() for r in residuals]
+        self.counter.writenet_calls.append(("student", x_t.shape[0]))
+        self.counter.unet_calls.append(("student", x_t.shape[0]))
+        return eps.float()
+
+    @torch.no_grad()
+    def target_eps(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Online-student eps without grad (the LCM-LoRA target network), reusing the student residuals."""
+        with self.accelerator.autocast():
+            residuals = self._student_residuals
+            if residuals is None:
+                residuals = self.model.control_residuals(self.encoded.cond, self.strength)
+                self._student_residuals = residuals
+                self.counter.writenet_calls.append(("target", x_t.shape[0]))
+            eps = self.model.predict_eps(x_t, timesteps, self.encoded.cond, residuals, self.attnx_scale)
+        self.counter.unet_calls.append(("target", x_t.shape[0]))
+        return eps.float()
+
+
+def _out_of_inference(eps: torch.Tensor) -> torch.Tensor:
+    """float32 eps usable next to autograd tensors (an inference-mode tensor is cloned into a normal one)."""
+    eps = eps.float()
+    return eps.clone() if eps.is_inference() else eps
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(abc.ABC):
+    """What a training version optimises; everything else is the shared trainer's."""
+
+    name: str = "objective"
+    needs_uncond: bool = True
+    passes: PassPlan = PassPlan()
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add the version's own flags."""
+
+    def __init__(self, args: argparse.Namespace, alphas_cumprod: torch.Tensor) -> None:
+        self.args = args
+        self.alphas_cumprod = alphas_cumprod
+
+    @abc.abstractmethod
+    def compute_loss(self, denoisers: Denoisers, latents: torch.Tensor, batch: dict[str, Any],
+                     generator: torch.Generator) -> LossOutput:
+        """Loss of one micro-batch; call ``denoisers.student_eps`` exactly once (the DDP forward)."""
+
+
+def make_parser(objective_cls: type[Objective], description: str) -> argparse.ArgumentParser:
+    parser = build_parser(description)
+    objective_cls.add_arguments(parser.add_argument_group(f"{objective_cls.name} objective"))
+    return parser
+
+
+def _lr_lambda(args: argparse.Namespace, total_steps: int):
+    warmup = max(0, args.lr_warmup_steps)
+
+    def scale(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if args.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return args.lr_min_ratio + (1.0 - args.lr_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return scale
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class Trainer:
+    """Builds model, LoRA, data and optimizer from flags, then runs, checkpoints and evaluates."""
+
+    def __init__(self, args: argparse.Namespace, objective_cls: type[Objective]) -> None:
+        self.args = args
+        ddp_kwargs = DistributedDataParallelKwargs(broadcast_buffers=False)
+        self.accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with="tensorboard",
+            project_dir=str(self._output_dir_placeholder()),
+            kwargs_handlers=[ddp_kwargs],
+        )
+        acc = self.accelerator
+        logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.output_dir = self._resolve_output_dir()
+        set_seed(args.seed)
+        self.generator = torch.Generator(device=acc.device).manual_seed(args.seed * 1000 + acc.process_index)
+
+        self.model = self._build_teacher()
+        self.peft_model, self.resume_dir = self._build_student()
+        self.student = StudentForward(self.peft_model)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+        )
+        loaders = build_dataloaders(args, acc.num_processes, acc.process_index)
+        self.dataset_stats = loaders.stats
+        self.student, self.optimizer, self.train_loader = acc.prepare(self.student, self.optimizer, loaders.train)
+        self.val_loader = acc.prepare(loaders.val) if loaders.val is not None else None
+        self.test_loader = acc.prepare(loaders.test) if loaders.test is not None else None
+        self.objective = objective_cls(args, anytext2_alphas_cumprod().to(acc.device))
+        self.counter = PassCounter()
+        self.uncond_cache = UncondCaptionCache()
+
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / args.gradient_accumulation_steps))
+        self.global_step, self.epoch, self.batches_done = 0, 0, 0
+        self.ema_loss: float | None = None
+        self.total_steps = self._planned_steps()
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, _lr_lambda(args, self.total_steps))
+        if self.resume_dir is not None and args.resume_optimizer:
+            self._restore_state(load_training_state(self.resume_dir))
+        if args.resume_add_steps > 0:
+            self.total_steps = self.global_step + args.resume_add_steps
+        self.max_epochs = max(1, math.ceil(self.total_steps / self.steps_per_epoch))
+        self.stop_requested = False
+
+    # ----------------------------------------------------------------------------- setup
+    def _output_dir_placeholder(self) -> Path:
+        return Path(self.args.output_dir)
+
+    def _resolve_output_dir(self) -> Path:
+        """One run folder for all ranks: the main process picks the time suffix and broadcasts it."""
+        out = Path(self.args.output_dir)
+        if self.args.add_time_suffix and not self.args.resume_path:
+            name = [datetime.now().strftime("train_%Y%m%d_%H%M%S")]
+            if self.accelerator.num_processes > 1:
+                broadcast_object_list(name)
+            out = out / name[0]
+        if self.accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            resolved = {k: v for k, v in vars(self.args).items()}
+            resolved["resolved_output_dir"] = str(out)
+            (out / "args.json").write_text(json.dumps(resolved, indent=2, default=str))
+        self.accelerator.project_configuration.set_directories(str(out))
+        self.accelerator.init_trackers("logs", config=_scalar_config(self.args))
+        return out
+
+    def _build_teacher(self) -> AnyText2Model:
+        args = self.args
+        dtype = DTYPES[args.teacher_dtype]
+        if args.teacher_ckpt:
+            model = load_teacher(args.config, args.teacher_ckpt, dtype=dtype, device=self.accelerator.device,
+                                 trust_pickle=args.trust_checkpoint)
+        else:
+            model = build_random_teacher(args.config, dtype=dtype, device=self.accelerator.device)
+            if self.accelerator.is_main_process:
+                (Path(self.output_dir) / "RANDOM_INIT_TEACHER.txt").write_text(RANDOM_INIT_BANNER + "\n")
+        model.requires_grad_(False)
+        return model.eval()
+
+    def _build_student(self) -> tuple[nn.Module, Path | None]:
+        args = self.args
+        resume = args.resume_path
+        if resume == "latest":
+            found = latest_checkpoint(self.output_dir)
+            resume = str(found) if found is not None else ""
+            if not resume:
+                logger.info("resume_path=latest: no checkpoint in %s, starting fresh", self.output_dir)
+        if resume:
+            logger.info("resuming LoRA from %s (its adapter_config wins over --lora_rank/--lora_alpha)", resume)
+            return load_lora(self.model, resume, trainable=True), Path(resume)
+        return add_lora(self.model, args.lora_rank, args.lora_alpha, args.lora_dropout), None
+
+    def _planned_steps(self) -> int:
+        args = self.args
+        if args.max_epochs > 0:
+            total = args.max_epochs * self.steps_per_epoch
+            return min(total, args.max_train_steps) if args.max_train_steps > 0 else total
+        if args.max_train_steps <= 0:
+            raise ValueError("set --max_train_steps > 0 or --max_epochs > 0")
+        return args.max_train_steps
+
+    # ----------------------------------------------------------------------------- state
+    def _training_state(self) -> dict[str, Any]:
+        states = gather_object([rng_state(self.generator)])
+        return {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "total_steps": self.total_steps,
+            "ema_loss": self.ema_loss,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "rng": states,
+            "num_processes": self.accelerator.num_processes,
+            "dataset_stats": self.dataset_stats.as_dict(),
+        }
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_step = int(state["global_step"])
+        self.epoch = int(state["epoch"])
+        self.batches_done = int(state["batches_done"])
+        self.total_steps = int(state.get("total_steps", self.total_steps))
+        self.ema_loss = state.get("ema_loss")
+        if state.get("num_processes") == self.accelerator.num_processes:
+            restore_rng_state(state["rng"][self.accelerator.process_index], self.generator)
+        else:
+            logger.warning("resuming on %d processes from a %d-process run: RNG streams restart",
+                           self.accelerator.num_processes, state.get("num_processes"))
+        logger.info("resumed at step %d (epoch %d, %d batches into it)", self.global_step, self.epoch, self.batches_done)
+
+    def save(self, name: str) -> Path:
+        """Checkpoint folder ``name`` (collective: every rank calls it)."""
+        state = self._training_state()
+        folder = self.output_dir / name
+        if self.accelerator.is_main_process:
+            save_checkpoint(folder, self.accelerator.unwrap_model(self.student).peft_model, state)
+            logger.info("saved %s", folder)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    # ----------------------------------------------------------------------------- steps
+    def _micro_step(self, batch: dict[str, Any], generator: torch.Generator) -> LossOutput:
+        model, plan = self.model, self.objective.passes
+        encoded = encode_batch(model, batch, self.args.negative_prompt if self.objective.needs_uncond else None, generator,
+                               merged_vae=plan.merged_vae,
+                               uncond_cache=self.uncond_cache if plan.cache_uncond_captions else None)
+        self.counter.record_encoding(encoded)
+        denoisers = Denoisers(self.student, model, self.accelerator, self.args, encoded, self.counter, plan)
+        return self.objective.compute_loss(denoisers, encoded.latents, batch, generator)
+
+    def train_step(self, batch: dict[str, Any]) -> LossOutput:
+        """One micro-batch: loss, backward, and (at accumulation boundaries) clip + optimizer step."""
+        acc = self.accelerator
+        with acc.accumulate(self.student):
+            out = self._micro_step(batch, self.generator)
+            acc.backward(out.loss)
+            if acc.sync_gradients and self.args.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.student.parameters(), self.args.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def evaluate(self, split: str) -> float | None:
+        """Objective loss on up to ``eval_batches`` batches of a split, on every rank (collective)."""
+        loader = self.val_loader if split == "val" else self.test_loader
+        if loader is None or self.args.eval_batches <= 0:
+            return None
+        generator = torch.Generator(device=self.accelerator.device).manual_seed(10_000 + self.accelerator.process_index)
+        self.student.eval()
+        losses = []
+        with torch.no_grad():
+            for index, batch in enumerate(loader):
+                if index >= self.args.eval_batches:
+                    break
+                losses.append(self._micro_step(batch, generator).loss.detach().float().reshape(1))
+        self.student.train()
+        local = torch.cat(losses) if losses else torch.zeros(0, device=self.accelerator.device)
+        gathered = self.accelerator.gather_for_metrics(local)
+        value = float(gathered.mean()) if gathered.numel() else float("nan")
+        self.accelerator.log({f"{split}/loss": value}, step=self.global_step)
+        logger.info("[eval] %s loss %.6f at step %d", split, value, self.global_step)
+        return value
+
+    def _log_preview(self, batch: dict[str, Any]) -> None:
+        args = self.args
+        folder = Path(args.log_image_dir) if args.log_image_dir else self.output_dir / "train_img"
+        save_preview_grid(self.accelerator.unwrap_model(self.student).anytext2, batch, args, folder / f"step_{self.global_step:07d}.png")
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum: int, _frame: Any) -> None:
+            self.stop_requested = True
+            logger.warning("received signal %d: will checkpoint after the current optimizer step", signum)
+
+        signal.signal(signal.SIGTERM, request_stop)
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor(1.0 if self.stop_requested else 0.0, device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+
+    def train(self) -> None:
+        args, acc = self.args, self.accelerator
+        self._install_signal_handlers()
+        if acc.is_main_process:
+            trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+            logger.info("LoRA parameters: %s; optimizer steps: %d (%d per epoch); teacher: %s",
+                        f"{trainable:,}", self.total_steps, self.steps_per_epoch,
+                        "random init rule" if self.model.is_random_init else args.teacher_ckpt)
+        progress = tqdm(total=self.total_steps, initial=self.global_step, disable=not acc.is_local_main_process,
+                        desc=f"train {self.objective.name}", dynamic_ncols=True)
+        started, run_steps = time.perf_counter(), 0
+        self.student.train()
+        stop_reason = None
+        while self.global_step < self.total_steps and stop_reason is None and self.epoch < self.max_epochs:
+            loader = self.train_loader
+            if self.batches_done:
+                loader = acc.skip_first_batches(self.train_loader, self.batches_done)
+            loader.set_epoch(self.epoch)
+            last_batch = None
+            for batch in loader:
+                last_batch = batch
+                self.dataset_stats.update(batch.get("data_issues"))
+                out = self.train_step(batch)
+                self.batches_done += 1
+                if not acc.sync_gradients:
+                    continue
+                self.lr_scheduler.step()
+                self.global_step += 1
+                run_steps += 1
+                progress.update(1)
+                self._after_step(out, progress, started, run_steps, batch)
+                if self._should_stop():
+                    stop_reason = "signal"
+                elif args.stop_after_steps and run_steps >= args.stop_after_steps:
+                    stop_reason = "stop_after_steps"
+                if stop_reason or self.global_step >= self.total_steps:
+                    break
+            else:
+                self.epoch += 1
+                self.batches_done = 0
+                if args.save_epochs and self.epoch % args.save_epochs == 0:
+                    self.save(f"checkpoint-epoch-{self.epoch}")
+                    self.evaluate("val")
+                continue
+            if last_batch is not None and self.batches_done >= len(self.train_loader):
+                self.epoch += 1
+                self.batches_done = 0
+        progress.close()
+        if stop_reason is not None:
+            self.save(f"checkpoint-{self.global_step}")
+            acc.end_training()
+            logger.warning("stopped early (%s) at step %d; resume with --resume_path latest --resume_optimizer",
+                           stop_reason, self.global_step)
+            if stop_reason == "signal":
+                sys.exit(SIGTERM_EXIT_CODE)
+            return
+        self.save("checkpoint-final")
+        self.evaluate("val")
+        self.evaluate("test")
+        acc.end_training()
+
+    def _after_step(self, out: LossOutput, progress: tqdm, started: float, run_steps: int, batch: dict[str, Any]) -> None:
+        args, acc = self.args, self.accelerator
+        loss = float(acc.reduce(out.loss.detach().float(), reduction="mean"))
+        self.ema_loss = loss if self.ema_loss is None else 0.9 * self.ema_loss + 0.1 * loss
+        if self.global_step % max(1, args.logging_steps) == 0 or self.global_step == 1:
+            elapsed = time.perf_counter() - started
+            rate = run_steps / max(elapsed, 1e-9)
+            samples = rate * args.train_batch_size * args.gradient_accumulation_steps * acc.num_processes
+            lr = self.lr_scheduler.get_last_lr()[0]
+            mem = _peak_memory_gb(acc.device)
+            skipped = self.dataset_stats.skipped_total()
+            progress.set_postfix(loss=f"{loss:.4g}", ema=f"{self.ema_loss:.4g}", lr=f"{lr:.2e}", it_s=f"{rate:.2f}",
+                                 samples_s=f"{samples:.2f}", mem_gb=f"{mem:.2f}", skipped=skipped)
+            scalars = {"train/loss": loss, "train/loss_ema": self.ema_loss, "train/lr": lr, "train/it_s": rate,
+                       "train/samples_s": samples, "train/peak_mem_gb": mem, "train/epoch": self.epoch,
+                       "data/skipped_samples": skipped}
+            scalars.update({f"train/{k}": v for k, v in out.terms.items()})
+            acc.log(scalars, step=self.global_step)
+        if args.log_image_steps and self.global_step % args.log_image_steps == 0 and acc.is_main_process:
+            self._log_preview(batch)
+        if args.save_steps and self.global_step % args.save_steps == 0 and self.global_step < self.total_steps:
+            self.save(f"checkpoint-{self.global_step}")
+            self.evaluate("val")
+
+
+def _scalar_config(args: argparse.Namespace) -> dict[str, Any]:
+    """TensorBoard hparams accept scalars and strings only."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+
+
+def run(objective_cls: type[Objective], argv: Sequence[str] | None, description: str) -> Trainer:
+    """Parse flags, build everything and train; returns the trainer (for tests and benchmarks)."""
+    args = make_parser(objective_cls, description).parse_args(argv)
+    trainer = Trainer(args, objective_cls)
+    trainer.train()
+    return trainer

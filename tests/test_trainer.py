@@ -1,0 +1,142 @@
+"""The shared trainer with the v2_4 objective: LoRA semantics, multi-process sync, resume, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from student_model_v2.anytext2.checkpoint import build_random_teacher
+from student_model_v2.train_lcm_anytext_v2_4 import LCMObjective
+from student_model_v2.training import trainer as trainer_module
+from student_model_v2.training.lora import adapters_disabled, add_lora, load_lora, lora_target_modules
+from tests.conftest import REPO_ROOT, TINY_YAML
+from tests.test_teacher_model import _tiny_text_info
+
+SCRIPT = REPO_ROOT / "student_model_v2" / "train_lcm_anytext_v2_4.py"
+FAST = ["--resolution", "64", "--lora_rank", "4", "--lora_alpha", "4", "--train_batch_size", "2",
+        "--eval_batches", "0", "--save_steps", "0", "--logging_steps", "1"]
+
+
+def test_student_equals_teacher_at_init_and_only_lora_trains():
+    model = build_random_teacher(TINY_YAML)
+    base = {n: p.data_ptr() for n, p in model.named_parameters()}
+    base_count = sum(p.numel() for p in model.parameters())
+    names = lora_target_modules(model)
+    peft_model = add_lora(model, rank=4, alpha=4)
+    info = _tiny_text_info()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        cond, _ = model.encode_conditions(info, ["a sign"] * 2, ["Text says * , * . "] * 2)
+        student = model.predict_eps(x, 400, cond, model.control_residuals(cond))
+        with adapters_disabled(peft_model):
+            teacher = model.predict_eps(x, 400, cond, model.control_residuals(cond))
+    assert torch.equal(student, teacher)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    lora_count = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad)
+    assert sum(p.numel() for p in peft_model.parameters()) == base_count + lora_count
+    wrapped = {n.replace("base_model.model.", "").replace(".base_layer", ""): p.data_ptr()
+               for n, p in peft_model.named_parameters() if not p.requires_grad}
+    assert wrapped == base, "the base weights must be shared, not copied"
+    assert all(n.startswith(("model.diffusion_model.", "control_model.")) for n in names)
+    assert not any(block in n for n in names for block in ("glyph_block", "position_block", "fuse_block_za"))
+    assert "control_model.middle_block_out.0" in names and any(".attn1x." in n for n in names)
+    student = trainer_module.StudentForward(peft_model).train()
+    assert student.training
+    assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)), "frozen BN must stay in eval"
+
+
+def _run_in_process(monkeypatch, argv):
+    seen = []
+    original = trainer_module.Trainer._micro_step
+
+    def recording(self, batch, generator):
+        if self.student.training:
+            seen.append(tuple(batch["sample_id"]))
+        return original(self, batch, generator)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_micro_step", recording)
+    trainer = trainer_module.run(LCMObjective, argv, "test")
+    monkeypatch.undo()
+    lora = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if p.requires_grad}
+    return lora, seen
+
+
+def test_resume_continues_weights_and_data_order_exactly(tmp_path, monkeypatch):
+    common = FAST + ["--max_train_steps", "6", "--gradient_accumulation_steps", "2", "--lr_scheduler",
+                     "warmup_cosine", "--lr_warmup_steps", "2", "--learning_rate", "1e-3", "--train_ratio", "0.25",
+                     "--val_ratio", "0.0", "--test_ratio", "0.75"]
+    full, full_order = _run_in_process(monkeypatch, common + ["--output_dir", str(tmp_path / "full")])
+    _, first_order = _run_in_process(monkeypatch, common + ["--output_dir", str(tmp_path / "split"), "--stop_after_steps", "2"])
+    assert (tmp_path / "split" / "checkpoint-2" / "training_state.pt").is_file()
+    resumed, second_order = _run_in_process(
+        monkeypatch, common + ["--output_dir", str(tmp_path / "split"), "--resume_path", "latest", "--resume_optimizer"])
+    assert first_order + second_order == full_order
+    assert len(full_order) == 12 and len(set(full_order[:6])) == 6
+    for name, value in full.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+    assert any(float(v.abs().max()) > 0 for n, v in full.items() if "lora_B" in n), "training must move LoRA B"
+
+
+def test_two_cpu_processes_average_gradients(tmp_path):
+    # accelerate 1.15's `--cpu` launcher starts one process unless MPI is set up; `--multi_gpu` with
+    # ACCELERATE_USE_CPU=1 starts torchrun workers that use the gloo backend on the CPU.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+               str(REPO_ROOT / "tests" / "drivers" / "ddp_gradients.py"), str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["sample_ids"] != ranks[1]["sample_ids"], "each rank must see its own shard"
+    names = list(ranks[0]["final"])
+    for name in names:
+        assert torch.equal(ranks[0]["final"][name], ranks[1]["final"][name]), name
+    params = [ranks[0]["initial"][n].clone().requires_grad_(True) for n in names]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    for param, name in zip(params, names):
+        param.grad = (ranks[0]["local_grad"][name] + ranks[1]["local_grad"][name]) / 2
+    optimizer.step()
+    differs = 0
+    for param, name in zip(params, names):
+        torch.testing.assert_close(ranks[0]["final"][name], param.detach(), rtol=0, atol=1e-6, msg=name)
+        differs += not torch.equal(ranks[0]["local_grad"][name], ranks[1]["local_grad"][name])
+    assert differs > 0, "the ranks' local gradients must differ for the check to mean anything"
+
+
+def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, str(SCRIPT), *FAST, "--max_train_steps", "500", "--output_dir", str(out),
+               "--use_mock_dataset", "--mock_size", "8"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    log = ""
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        log += line
+        if "loss=" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=180)
+    log += rest
+    assert process.returncode == trainer_module.SIGTERM_EXIT_CODE, log[-3000:]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and not checkpoints[0].name.endswith(".tmp"), log[-2000:]
+    model = build_random_teacher(TINY_YAML)
+    peft_model = load_lora(model, checkpoints[0])
+    assert any("lora_B" in n for n, _ in peft_model.named_parameters())
+    state = torch.load(checkpoints[0] / "training_state.pt", weights_only=False)
+    assert state["global_step"] == int(checkpoints[0].name.split("-")[1]) > 0
+
+
+def test_bad_objective_flags_fail_early(tmp_path):
+    with pytest.raises(ValueError, match="w_min"):
+        trainer_module.run(LCMObjective, FAST + ["--max_train_steps", "1", "--w_min", "9", "--w_max", "2",
+                                                 "--output_dir", str(tmp_path), "--use_mock_dataset", "--mock_size", "4"], "t")
