@@ -17,7 +17,9 @@ $(VENV)/.installed: requirements.txt
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m student_model_v2.quickstart --output_dir outputs/quickstart
+	$(PY) student_model_v2/launch_from_yaml.py --config student_model_v2/train_config_quickstart.yaml
+	$(PY) -m student_model_v2.eval_distillation --adapter runs/quickstart/checkpoint-final \
+		--output_json runs/quickstart/distillation_eval.json
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -173,11 +173,11 @@ def _flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]
 
 def _unknown_key_message(key: str, entry: Entry, known: list[str]) -> str:
     message = f"unknown key '{key}' in {entry.origin}"
+    if key in LEGACY_KEYS:
+        return f"{message} (a key of the original toolkit: {LEGACY_KEYS[key]})"
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if close:
         return f"{message}; did you mean '{close[0]}'?"
-    if key in LEGACY_KEYS:
-        return f"{message} (a key of the original toolkit: {LEGACY_KEYS[key]})"
     return f"{message}; see the script's --help for its flags"
 
 

@@ -232,6 +232,15 @@ def test_prepare_cache_builds_indexes_and_exits(tmp_path, capsys):
     assert len(list(cache.glob("demo_data.json.*.meta.json"))) == 1
 
 
+def test_prepare_cache_only_on_rank_zero(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    cache = tmp_path / "cache"
+    cfg = write_yaml(tmp_path, {"train_script": V2_4_PATH, "data": {"cache_dir": str(cache)}})
+    assert launcher.main(["--config", str(cfg), "--prepare_cache"]) == 0
+    assert "rank 1 skips" in capsys.readouterr().out
+    assert not cache.exists()
+
+
 def test_prepare_cache_names_a_missing_dataset_file(tmp_path, capsys):
     cfg = write_yaml(tmp_path, {"train_script": V2_4_PATH,
                                 "data": {"dataset_json": "missing/nope.json", "cache_dir": str(tmp_path)}})

@@ -53,7 +53,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument("--mask_img_prob", type=float, default=0.5, help="probability of an edit-mode sample")
     data.add_argument("--font_hint_prob", type=float, default=0.8)
     data.add_argument("--no_font_hint_randaug", action="store_true", help="disable font-hint random augmentation")
-    data.add_argument("--wm_thresh", type=float, default=1.0, help="keep samples with wm_score < thresh")
+    data.add_argument("--wm_thresh", type=float, default=1.0, help="drop samples with wm_score > thresh (upstream's rule)")
     data.add_argument("--cache_dir", default="", help="where streaming JSON indexes are stored")
     data.add_argument("--train_ratio", type=float, default=0.9)
     data.add_argument("--val_ratio", type=float, default=0.05)

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -272,6 +273,13 @@ class Trainer:
             kwargs_handlers=[ddp_kwargs],
         )
         acc = self.accelerator
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and acc.num_processes == 1:
+            raise RuntimeError(
+                f"launched as {launched} processes but accelerate sees one: every rank would train its own copy. "
+                "Without GPUs set ACCELERATE_USE_CPU=1 (e.g. `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+                "--num_processes 2 ...`); `accelerate launch --cpu` starts a single process unless MPI is configured"
+            )
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.allow_tf32 and torch.cuda.is_available():
@@ -328,6 +336,7 @@ class Trainer:
             resolved["resolved_output_dir"] = str(out)
             (out / "args.json").write_text(json.dumps(resolved, indent=2, default=str))
         self.accelerator.project_configuration.set_directories(str(out))
+        self.accelerator.project_configuration.logging_dir = str(out)
         self.accelerator.init_trackers("logs", config=_scalar_config(self.args))
         return out
 
