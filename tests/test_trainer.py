@@ -140,3 +140,32 @@ def test_bad_objective_flags_fail_early(tmp_path):
     with pytest.raises(ValueError, match="w_min"):
         trainer_module.run(LCMObjective, FAST + ["--max_train_steps", "1", "--w_min", "9", "--w_max", "2",
                                                  "--output_dir", str(tmp_path), "--use_mock_dataset", "--mock_size", "4"], "t")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from student_model_v2.anytext2.unet import set_gradient_checkpointing
+
+    model = build_random_teacher(TINY_YAML)
+    peft_model = add_lora(model, rank=4, alpha=4)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    info = _tiny_text_info()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cond, _ = model.encode_conditions(info, ["a sign"] * 2, ["Text says * , * . "] * 2)
+
+    def grads():
+        peft_model.zero_grad(set_to_none=True)
+        model.predict_eps(x, 300, cond, model.control_residuals(cond)).square().mean().backward()
+        return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    calls = []
+    model.unet.middle_block[0].register_forward_hook(lambda *_: calls.append(1))
+    plain = grads()
+    assert len(calls) == 1
+    assert set_gradient_checkpointing(model.unet) > 0 and set_gradient_checkpointing(model.control_model) > 0
+    checkpointed = grads()
+    assert len(calls) == 3, "with checkpointing the block runs again in backward"
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)

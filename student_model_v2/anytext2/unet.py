@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import SpatialTransformer
 
@@ -66,7 +67,18 @@ class Upsample(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """Runs each layer with the arguments it needs (emb for ResBlocks, context for transformers)."""
+    """Runs each layer with the arguments it needs (emb for ResBlocks, context for transformers).
+
+    With ``gradient_checkpointing`` set (by :func:`set_gradient_checkpointing`) and autograd on, the
+    block's activations are recomputed in backward instead of stored: less memory, one more forward.
+    """
+
+    gradient_checkpointing = False
+
+    def __call__(self, *args, **kwargs):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(super().__call__, *args, use_reentrant=False, **kwargs)
+        return super().__call__(*args, **kwargs)
 
     def forward(
         self,
@@ -84,6 +96,14 @@ class TimestepEmbedSequential(nn.Sequential):
             else:
                 x = layer(x)
         return x
+
+
+def set_gradient_checkpointing(module: nn.Module, enabled: bool = True) -> int:
+    """Turn block-level gradient checkpointing on or off below ``module``; returns the block count."""
+    blocks = [m for m in module.modules() if isinstance(m, TimestepEmbedSequential)]
+    for block in blocks:
+        block.gradient_checkpointing = enabled
+    return len(blocks)
 
 
 def _transformer(channels: int, cfg: dict[str, Any], attnx: bool) -> SpatialTransformer:

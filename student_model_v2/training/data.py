@@ -96,8 +96,11 @@ def _worker_init(num_threads: int):
     return init
 
 
-def build_dataloaders(args: argparse.Namespace, num_processes: int = 1, process_index: int = 0) -> Loaders:
-    """Train/val/test loaders over a deterministic split (``--train/val/test_ratio``, ``--split_seed``)."""
+def build_dataloaders(args: argparse.Namespace) -> Loaders:
+    """Train/val/test loaders over a deterministic split (``--train/val/test_ratio``, ``--split_seed``).
+
+    They are not sharded here: ``accelerator.prepare`` splits them across processes.
+    """
     dataset = build_dataset(args)
     splits = make_splits(dataset, (args.train_ratio, args.val_ratio, args.test_ratio), args.split_seed)
     train_sampler = EpochSampler(splits["train"], args.seed)

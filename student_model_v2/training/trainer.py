@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..anytext2.checkpoint import RANDOM_INIT_BANNER, build_random_teacher, load_teacher
 from ..anytext2.model import AnyText2Model, Conditions, concat_conditions
+from ..anytext2.unet import set_gradient_checkpointing
 from ..lcm_utils_v2 import anytext2_alphas_cumprod
 from .args import build_parser
 from .checkpointing import latest_checkpoint, load_training_state, restore_rng_state, rng_state, save_checkpoint
@@ -269,7 +270,7 @@ class Trainer:
             mixed_precision=args.mixed_precision,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             log_with="tensorboard",
-            project_dir=str(self._output_dir_placeholder()),
+            project_dir=args.output_dir,
             kwargs_handlers=[ddp_kwargs],
         )
         acc = self.accelerator
@@ -290,6 +291,9 @@ class Trainer:
         self.generator = torch.Generator(device=acc.device).manual_seed(args.seed * 1000 + acc.process_index)
 
         self.model = self._build_teacher()
+        if args.gradient_checkpointing:
+            set_gradient_checkpointing(self.model.unet)
+            set_gradient_checkpointing(self.model.control_model)
         self.peft_model, self.resume_dir = self._build_student()
         self.student = StudentForward(self.peft_model)
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -297,7 +301,7 @@ class Trainer:
             params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
         )
-        loaders = build_dataloaders(args, acc.num_processes, acc.process_index)
+        loaders = build_dataloaders(args)
         self.dataset_stats = loaders.stats
         self.student, self.optimizer, self.train_loader = acc.prepare(self.student, self.optimizer, loaders.train)
         self.val_loader = acc.prepare(loaders.val) if loaders.val is not None else None
@@ -319,9 +323,6 @@ class Trainer:
         self.stop_requested = False
 
     # ----------------------------------------------------------------------------- setup
-    def _output_dir_placeholder(self) -> Path:
-        return Path(self.args.output_dir)
-
     def _resolve_output_dir(self) -> Path:
         """One run folder for all ranks: the main process picks the time suffix and broadcasts it."""
         out = Path(self.args.output_dir)
