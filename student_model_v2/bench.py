@@ -1,8 +1,10 @@
-"""Benchmarks, one subcommand each, every one printing a JSON object on stdout.
+"""Benchmarks, one subcommand each, every one printing a JSON object on stdout (``--json PATH`` also
+writes it to a file).
 
     python -m student_model_v2.bench data [--dataset_json ...] [--min_lines 5] [--repeats 3]
     python -m student_model_v2.bench train --version v2_4 [--config ...] [--batch_size 2] [--steps 5]
     python -m student_model_v2.bench teacher [--config models_yaml/anytext2_sd15.yaml] [--dtype bf16]
+    python -m student_model_v2.bench infer [--config ...] [--resolution 64] [--num_images 4] [--repeats 3]
 
 ``data``: CPU milliseconds per sample of the data pipeline in a single worker (torch/OpenCV pinned to
 one thread): the online path (font-hint randaug on, as in training), the online path with randaug
@@ -14,6 +16,13 @@ batches are fetched before timing), the UNet, WriteNet, VAE-encoder and CLIP cap
 with their batch rows, and parameter memory (frozen base vs LoRA). Several ``--version`` values run in
 one process, so their ratios are comparable. Without ``--teacher_ckpt`` the teacher is the random init
 rule (fine for timing: the cost does not depend on the weights).
+
+``infer``: end-to-end latency of one inference request (glyph rendering, OCR/CLIP/VAE-encode
+conditioning, sampling and VAE decode; same request, image count and seed) for the teacher (20 DDIM
+steps, CFG 7.5) and the student (4 LCM steps, merged LoRA), their ratio, and the UNet/WriteNet passes
+counted by wrapping the model's methods. The target is a speed-up of at least 0.85 of the pass-count
+ratio (teacher 40 UNet + 2 WriteNet passes vs student 4 + 1). Without ``--lora_path`` the student is a
+freshly initialised rank-64 LoRA, merged (the cost does not depend on its values).
 """
 
 from __future__ import annotations
@@ -189,6 +198,96 @@ def bench_teacher(args: argparse.Namespace) -> dict:
     }
 
 
+class _PassCounter:
+    """Wraps ``predict_eps`` and ``control_residuals`` on the model instance to count calls and rows."""
+
+    def __init__(self, model) -> None:
+        self.unet_rows: list[int] = []
+        self.writenet_rows: list[int] = []
+        predict_eps, control_residuals = model.predict_eps, model.control_residuals
+
+        def counted_eps(x_t, *args, **kwargs):
+            self.unet_rows.append(int(x_t.shape[0]))
+            return predict_eps(x_t, *args, **kwargs)
+
+        def counted_writenet(conditions, *args, **kwargs):
+            self.writenet_rows.append(int(conditions.batch_size))
+            return control_residuals(conditions, *args, **kwargs)
+
+        model.predict_eps = counted_eps
+        model.control_residuals = counted_writenet
+
+    def reset(self) -> None:
+        self.unet_rows.clear()
+        self.writenet_rows.clear()
+
+
+def _time_requests(pipe, request, options, warmup: int, repeats: int, counter: _PassCounter) -> dict:
+    for _ in range(warmup):
+        pipe(request, options)
+    runs = []
+    for _ in range(repeats):
+        counter.reset()
+        runs.append(pipe(request, options).timings)
+    median = {key: round(sorted(r[key] for r in runs)[len(runs) // 2], 4) for key in runs[0]}
+    return {
+        "steps": options.resolved_steps(),
+        "latency_s": median["total"],
+        "median_seconds": median,
+        "unet_calls": len(counter.unet_rows),
+        "unet_passes": sum(counter.unet_rows) / options.num_images,
+        "writenet_calls": len(counter.writenet_rows),
+        "writenet_passes": sum(counter.writenet_rows),
+    }
+
+
+def bench_infer(args: argparse.Namespace) -> dict:
+    import torch
+
+    from .pipeline_anytext2 import AnyText2Pipeline, SamplingOptions, TextRequest
+    from .training.lora import add_lora
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    pipe = AnyText2Pipeline.from_pretrained(args.config, args.teacher_ckpt or None, device=args.device or None,
+                                            dtype=dtypes[args.dtype])
+    counter = _PassCounter(pipe.model)
+    r = args.resolution
+    request = TextRequest(prompt='a shop sign that reads "Hello", "World"', width=r, height=r,
+                          positions=[[r // 16, r // 8, r - r // 16, r // 2 - r // 16],
+                                     [r // 8, r // 2 + r // 16, r - r // 8, r - r // 8]])
+    common = dict(num_images=args.num_images, seed=args.seed)
+    teacher = _time_requests(pipe, request, SamplingOptions(sampler="teacher", steps=20, guidance_scale=7.5, **common),
+                             args.warmup, args.repeats, counter)
+    with tempfile.TemporaryDirectory(prefix="anytext_bench_lora_") as tmp:
+        lora_path = args.lora_path
+        if not lora_path:
+            peft_model = add_lora(pipe.model, args.lora_rank, args.lora_rank)
+            peft_model.save_pretrained(tmp)
+            pipe.model = peft_model.unload()
+            lora_path = tmp
+        pipe.load_lora(lora_path, merge=True)
+    student = _time_requests(pipe, request, SamplingOptions(sampler="student", steps=4, **common),
+                             args.warmup, args.repeats, counter)
+    passes = {name: r["unet_passes"] + r["writenet_passes"] for name, r in (("teacher", teacher), ("student", student))}
+    pass_ratio = passes["teacher"] / passes["student"]
+    speedup = teacher["latency_s"] / student["latency_s"]
+    sampling_speedup = teacher["median_seconds"]["sample"] / student["median_seconds"]["sample"]
+    return {
+        "command": "infer", "config": args.config, "device": str(pipe.device), "dtype": args.dtype,
+        "random_init_teacher": pipe.model.is_random_init,
+        "student_lora": args.lora_path or f"fresh rank {args.lora_rank}",
+        "resolution": r, "num_images": args.num_images, "text_lines": 2, "seed": args.seed,
+        "warmup": args.warmup, "repeats": args.repeats,
+        "teacher": teacher, "student": student,
+        "speedup_end_to_end": round(speedup, 3),
+        "speedup_sampling_only": round(sampling_speedup, 3),
+        "pass_count_ratio": round(pass_ratio, 3),
+        "speedup_over_pass_ratio": round(speedup / pass_ratio, 3),
+        "target_speedup_over_pass_ratio": 0.85,
+        "meets_target": speedup / pass_ratio >= 0.85,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m student_model_v2.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,13 +319,34 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--repeats", type=int, default=5)
     teacher.add_argument("--warmup", type=int, default=2)
     teacher.set_defaults(func=bench_teacher)
+    infer = sub.add_parser("infer", help="end-to-end inference latency: teacher 20-step CFG vs student 4-step LCM")
+    infer.add_argument("--config", default=str(DEFAULT_TINY_YAML))
+    infer.add_argument("--teacher_ckpt", default="")
+    infer.add_argument("--lora_path", default="", help="student adapter; default a fresh rank --lora_rank LoRA")
+    infer.add_argument("--lora_rank", type=int, default=64)
+    infer.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    infer.add_argument("--device", default="")
+    infer.add_argument("--resolution", type=int, default=64)
+    infer.add_argument("--num_images", type=int, default=4)
+    infer.add_argument("--seed", type=int, default=0)
+    infer.add_argument("--repeats", type=int, default=3, help="timed requests per model (median reported)")
+    infer.add_argument("--warmup", type=int, default=1)
+    infer.set_defaults(func=bench_infer)
+    for command in sub.choices.values():
+        command.add_argument("--json", metavar="PATH", default=None,
+                             help="also write the JSON result to PATH (folders are created)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], dict] = args.func
-    print(json.dumps(func(args), indent=1))
+    text = json.dumps(func(args), indent=1)
+    print(text)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -110,10 +110,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InferenceInputError("--edit_mask needs --edit_image")
     if (args.edit_image or args.positions) and args.prompt is None:
         raise InferenceInputError('free-form generation and editing need --prompt with the texts in double quotes')
-    if args.prompt is not None and not args.edit_image and not args.positions:
-        raise InferenceInputError("--prompt needs --positions (polygons, boxes or a mask image) for its quoted texts")
     if args.sampler == "student" and not args.lora_path:
         raise InferenceInputError("--lora_path (the student adapter folder) is required unless --sampler teacher")
+    if args.lora_path and not (Path(args.lora_path) / "adapter_config.json").is_file():
+        raise InferenceInputError(f"--lora_path {args.lora_path}: not a LoRA adapter folder (no adapter_config.json)")
     if args.compare_teacher and args.sampler == "teacher":
         raise InferenceInputError("--compare_teacher compares the student with the teacher: drop --sampler teacher")
     if args.num_images < 1:

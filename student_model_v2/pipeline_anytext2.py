@@ -44,9 +44,10 @@ from .anytext2.ocr_preprocess import crop_image
 from .glyph_render import (COLOR_SENTINEL, DEFAULT_FONT_PATH, GLY_LINE_HEIGHT, GLY_LINE_WIDTH, FontError, GlyphFont,
                            colorize, font_hint_base, render_gly_line, render_glyphs)
 from .inference_inputs import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, MAX_CHARS, PLACEHOLDER, InferenceInputError,
-                               Position, append_prompt, as_rgb_image, check_image_size, check_polygons_inside, find_polygon, parse_color, parse_prompt,
-                               positions_from_mask, positions_from_polygons, polygons_from_spec, prepare_edit_image,
-                               resize_mask, scrub_placeholders, validate_texts)
+                               Position, append_prompt, as_rgb_image, check_image_size, check_polygons_inside,
+                               find_polygon, parse_color, parse_prompt, polygons_from_spec, positions_from_mask,
+                               positions_from_polygons, prepare_edit_image, resize_mask, scrub_placeholders,
+                               validate_texts)
 from .samplers import sample_student_lcm, sample_teacher_ddim
 from .training.lora import adapters_disabled, load_lora
 
@@ -250,8 +251,9 @@ def mimic_style_crop(image: np.ndarray, mask: np.ndarray, line: int) -> torch.Te
 
 
 def hollow_font_hint(font_hint: np.ndarray, noise_gray: np.ndarray) -> np.ndarray:
-    """AnyText2's "hollow font": the font hint (H, W) 0..255 given a noisy outline and background texture,
-    imitating the outline look that light-on-dark training text has after thresholding."""
+    """AnyText2's "hollow font" on a font hint (H, W, 0..255): a one-pixel outline around the strokes and a
+    thresholded noise texture cut into the strokes and laid over the background. It imitates the
+    outlined, textured hints that light-on-dark training text gets from adaptive thresholding."""
     height, width = font_hint.shape
     background = cv2.resize(noise_gray, (width, height))
     background[background < 230] = 0
@@ -271,7 +273,8 @@ def load_hollow_noise(path: str | os.PathLike[str] = HOLLOW_NOISE_PATH) -> np.nd
     return cv2.cvtColor(noise, cv2.COLOR_BGR2GRAY)
 
 
-def _resolve_positions(request: TextRequest, width: int, height: int, source_size: tuple[int, int] | None) -> list[Position]:
+def _resolve_positions(request: TextRequest, width: int, height: int,
+                       source_size: tuple[int, int] | None) -> list[Position]:
     """Positions in the output frame; ``source_size`` (w, h) is the edit image's size before resizing."""
     spec = request.positions
     if spec is None:
@@ -350,7 +353,8 @@ def build_conditioning(
         try:
             patch = render_glyphs(glyph_font, text, position.polygon, add_space=True)
         except ValueError as exc:
-            raise InferenceInputError(f'text line {index} "{text}": position {index} is too small to hold it ({exc})') from exc
+            raise InferenceInputError(f'text line {index} "{text}": position {index} is too small to hold it '
+                                      f"({exc})") from exc
         if not patch.visible_in(height, width):
             raise InferenceInputError(f'text line {index} "{text}" falls outside the image at position {index}')
         color = parse_color(style.color, index)

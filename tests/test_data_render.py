@@ -179,15 +179,9 @@ def test_font_hint_marks_dark_strokes_and_occlusion_cuts_a_band(font):
 
 
 def _recognizer():
-    rapidocr = pytest.importorskip("rapidocr_onnxruntime")
-    from rapidocr_onnxruntime.ch_ppocr_rec import TextRecognizer
-    from rapidocr_onnxruntime.utils import read_yaml
-    root = Path(rapidocr.__file__).parent
-    cfg = read_yaml(str(root / "config.yaml"))["Rec"]
-    cfg["model_path"] = str(root / cfg["model_path"])
-    cfg["intra_op_num_threads"] = 1
-    cfg["inter_op_num_threads"] = 1
-    return TextRecognizer(cfg)
+    pytest.importorskip("rapidocr_onnxruntime")
+    from student_model_v2.line_ocr import load_recognizer
+    return load_recognizer(threads=1)
 
 
 def test_gly_line_is_legible_to_ocr(font):

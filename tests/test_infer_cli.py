@@ -1,0 +1,126 @@
+"""The inference CLI in its three modes (dataset sample, free-form prompt, edit) and its input errors.
+
+A random tiny teacher cannot draw text, so the tests check the conditioning each mode builds and the
+files the CLI writes, not image content."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from student_model_v2 import infer_lcm_anytext_v2 as cli
+from student_model_v2.dataset_anytext_v2 import MockAnyTextDataset
+
+from .conftest import TINY_YAML
+
+PLACEHOLDER_ID = 265
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    from student_model_v2.anytext2.checkpoint import build_random_teacher
+    from student_model_v2.training.lora import add_lora
+
+    peft_model = add_lora(build_random_teacher(TINY_YAML), rank=4, alpha=4)
+    path = tmp_path_factory.mktemp("lora")
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def _argv(lora_dir, out, *extra: str) -> list[str]:
+    return ["--config", str(TINY_YAML), "--teacher_ckpt", "", "--lora_path", str(lora_dir), "--device", "cpu",
+            "--seed", "7", "--output_path", str(out), *extra]
+
+
+def _run(argv: list[str], capsys) -> dict:
+    assert cli.main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_dataset_sample(lora_dir, tmp_path, capsys):
+    argv = _argv(lora_dir, tmp_path / "s.png", "--use_mock_dataset", "--resolution", "64", "--sample_index", "13")
+    report = _run(argv, capsys)
+    sample = MockAnyTextDataset(10, resolution=64, seed=7)[3]
+    n = sample["n_lines"]
+    assert report["mode"] == "dataset" and report["texts"] == sample["texts"][:n]
+    assert report["text_caption"] == sample["text_caption"] and report["text_caption"].count("*") == n
+    assert Image.open(tmp_path / "s.png").size == (64, 64)
+    assert (tmp_path / "s_glyphs.png").is_file() and (tmp_path / "s_font_hint.png").is_file()
+    assert report["runs"]["student"]["steps"] == 4 and report["runs"]["student"]["seed"] == 7
+    cond = cli.prepare_conditioning(cli.build_parser().parse_args(argv), 7)
+    for built, stored in zip(cond.positions + cond.glyphs, sample["positions"][:n] + sample["glyphs"][:n]):
+        assert torch.equal(built[0], stored)
+    assert torch.equal(cond.masked_image[0], sample["masked_img"])
+
+
+def test_free_form_prompt_with_positions(lora_dir, tmp_path, capsys):
+    from student_model_v2.anytext2.config import BUNDLED_TOKENIZER_DIR
+    from student_model_v2.anytext2.text_encoder import load_tokenizer
+
+    argv = _argv(lora_dir, tmp_path / "free.png", "--prompt", 'a sign that reads "Hi", "Yo"', "--resolution", "64",
+                 "--positions", "[[4, 4, 60, 28], [[4, 34], [60, 34], [60, 60], [4, 60]]]", "--num_images", "2",
+                 "--colors", "255,0,0")
+    report = _run(argv, capsys)
+    assert report["mode"] == "gen" and report["texts"] == ["Hi", "Yo"] and report["size"] == [64, 64]
+    assert [Image.open(tmp_path / f"free_{k}.png").size for k in (0, 1)] == [(64, 64)] * 2
+    tokenizer = load_tokenizer(BUNDLED_TOKENIZER_DIR)
+    for caption in (report["image_caption"], report["text_caption"]):
+        assert tokenizer(caption)["input_ids"].count(PLACEHOLDER_ID) == 2
+    cond = cli.prepare_conditioning(cli.build_parser().parse_args(argv), 7)
+    assert cond.positions[0][0, 0, 4:29, 4:61].all() and cond.positions[0].sum() == 25 * 57
+    assert cond.positions[1][0, 0, 34:61, 4:61].all() and torch.all(cond.masked_image == -1)
+    assert all(g.sum() > 0 for g in cond.glyphs) and cond.colors[0].tolist() == [[1.0, 0.0, 0.0]]
+
+
+def test_edit_mode_from_image_and_mask_files(lora_dir, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (140, 100, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    mask = np.zeros((140, 100), np.uint8)
+    mask[20:60, 10:90] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    argv = _argv(lora_dir, tmp_path / "edit.png", "--prompt", 'a poster that reads "Hi"',
+                 "--edit_image", str(tmp_path / "photo.png"), "--edit_mask", str(tmp_path / "mask.png"))
+    report = _run(argv, capsys)
+    assert report["mode"] == "edit" and report["size"] == [64, 128] and report["texts"] == ["Hi"]
+    assert Image.open(tmp_path / "edit.png").size == (64, 128)
+    cond = cli.prepare_conditioning(cli.build_parser().parse_args(argv), 7)
+    hint = cond.hint[0, 0] > 0
+    assert hint[40, 32] and not hint[120, 5]
+    assert torch.all(cond.masked_image[0][:, hint] == -1) and torch.all(cond.masked_image[0][:, ~hint] > -1)
+
+
+def test_compare_teacher_writes_a_grid_with_timings(lora_dir, tmp_path, capsys):
+    argv = _argv(lora_dir, tmp_path / "cmp.png", "--prompt", '"Hi"', "--resolution", "64",
+                 "--positions", "[[4, 4, 60, 28]]", "--teacher_steps", "3")
+    report = _run(argv + ["--compare_teacher"], capsys)
+    runs = report["runs"]
+    assert runs["student"]["steps"] == 4 and runs["teacher"]["steps"] == 3
+    assert report["speedup"] == pytest.approx(runs["teacher"]["seconds"]["total"] / runs["student"]["seconds"]["total"],
+                                              rel=1e-2)
+    grid = Image.open(report["compare"])
+    assert grid.width >= 2 * 64 and grid.height > 64
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt", '"A", "B"', "--positions", "[[4, 4, 60, 28]]"], "2 quoted texts but 1 position"),
+    (["--prompt", '""', "--positions", "[[4, 4, 60, 28]]"], "text line 1 is empty"),
+    (["--prompt", '"A"', "--positions", "[[4, 4, 600, 28]]"], "position 1 reaches outside"),
+    (["--prompt", '"5€"', "--positions", "[[4, 4, 60, 28]]"], "no glyph for '€'"),
+    (["--prompt", '"A"', "--positions", "[[4, 4"], "not valid JSON"),
+    (["--prompt", '"A"', "--edit_image", "{tmp}/broken.png", "--edit_mask", "{tmp}/broken.png"], "cannot read edit mask"),
+    (["--prompt", '"A"', "--edit_image", "{tmp}/broken.png"], "--edit_image needs --edit_mask"),
+    (["--prompt", '"A"'], "1 quoted text but 0 positions were given"),
+    (["--lora_path", ""], "--lora_path (the student adapter folder) is required"),
+    (["--lora_path", "{tmp}"], "not a LoRA adapter folder"),
+])
+def test_bad_input_is_one_clear_error_line(lora_dir, tmp_path, capsys, extra, message):
+    (tmp_path / "broken.png").write_text("not an image")
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    assert cli.main(_argv(lora_dir, tmp_path / "x.png", "--resolution", "64", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()

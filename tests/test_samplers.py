@@ -1,0 +1,145 @@
+"""Teacher DDIM (+CFG) and student LCM samplers: schedules against the spec, batching against the unbatched
+computation, and the number of UNet / WriteNet passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from student_model_v2.anytext2.schedule import make_schedule_buffers
+from student_model_v2.glyph_render import GlyphFont
+from student_model_v2.pipeline_anytext2 import TextRequest, build_conditioning
+from student_model_v2.samplers import (anytext2_ddim_timesteps, make_ddim_scheduler, make_lcm_scheduler,
+                                       repeat_conditions, sample_student_lcm, sample_teacher_ddim,
+                                       set_ddim_timesteps)
+
+ALPHAS = make_schedule_buffers(0.00085, 0.012, 1000)["alphas_cumprod"]
+LONG_PROMPT = "a weathered wooden shop sign hanging above a narrow street " * 6 + 'that reads "Hi", "Yo"'
+
+
+def _alpha_prev_used(scheduler, t: int) -> float:
+    """Recover the alpha_prev a DDIM step used: with eps = 0 and eta = 0 it returns sqrt(a_prev / a_t) * x."""
+    x = torch.ones(1, 1, 1, 1)
+    out = scheduler.step(torch.zeros_like(x), t, x, eta=0.0).prev_sample
+    return float(out.double() ** 2 * ALPHAS[t].double())
+
+
+@pytest.mark.parametrize("steps, expected", [(1, [999]), (2, [999, 499]), (4, [999, 759, 499, 259]),
+                                             (8, [999, 879, 759, 639, 499, 379, 259, 139])])
+def test_student_lcm_timesteps_are_on_the_training_grid(steps, expected):
+    scheduler = make_lcm_scheduler(50, ALPHAS)
+    scheduler.set_timesteps(steps)
+    assert scheduler.timesteps.tolist() == expected
+
+
+def test_ddim_grid_and_alpha_prev_match_anytext2_for_20_steps():
+    scheduler = make_ddim_scheduler(ALPHAS)
+    set_ddim_timesteps(scheduler, 20)
+    timesteps = scheduler.timesteps.tolist()
+    assert timesteps == list(range(951, 0, -50)) == anytext2_ddim_timesteps(20).tolist()
+    assert torch.equal(scheduler.alphas_cumprod, ALPHAS)  # the checkpoint's buffer, not diffusers' float32 recompute
+    assert _alpha_prev_used(scheduler, 951) == pytest.approx(float(ALPHAS[901]), rel=1e-6)
+    assert _alpha_prev_used(scheduler, 1) == pytest.approx(float(ALPHAS[0]), rel=1e-6)
+    assert float(ALPHAS[0]) == pytest.approx(0.99915, abs=1e-6)
+
+
+def test_anytext2_ddim_quirk_gives_extra_steps_when_steps_do_not_divide_1000():
+    upstream = make_ddim_scheduler(ALPHAS)
+    set_ddim_timesteps(upstream, 30, anytext2_grid=True)
+    assert upstream.timesteps.tolist() == list(range(991, 0, -33))
+    assert len(upstream.timesteps) == 31
+    assert _alpha_prev_used(upstream, 991) == pytest.approx(float(ALPHAS[958]), rel=1e-6)
+    assert _alpha_prev_used(upstream, 1) == pytest.approx(float(ALPHAS[0]), rel=1e-6)
+    exact = make_ddim_scheduler(ALPHAS)
+    set_ddim_timesteps(exact, 30)
+    assert len(exact.timesteps) == 30
+
+
+@pytest.fixture(scope="module")
+def conditions(tiny_teacher):
+    """cond (image caption of two CLIP windows) and AnyText2's uncond (one window) for two lines at 64x64."""
+    request = TextRequest(prompt=LONG_PROMPT, positions=[[4, 4, 60, 28], [4, 34, 60, 60]], width=64, height=64)
+    prepared = build_conditioning(request, GlyphFont("font/NotoSansCJKsc-Regular-subset.otf"))
+    masked_x = tiny_teacher.vae_encode(prepared.masked_image, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond, uncond = tiny_teacher.encode_conditions(prepared.text_info(masked_x), [prepared.image_caption],
+                                                      [prepared.text_caption], prepared.negative_caption)
+    assert cond.image_context.shape[1] == 154 and uncond.image_context.shape[1] == 77
+    return cond, uncond
+
+
+def _latents(rows: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+class _Counter:
+    def __init__(self, model, monkeypatch) -> None:
+        self.unet: list[int] = []
+        self.writenet: list[int] = []
+        eps, control = model.predict_eps, model.control_residuals
+        monkeypatch.setattr(model, "predict_eps", lambda x, *a, **k: self.unet.append(x.shape[0]) or eps(x, *a, **k))
+        monkeypatch.setattr(model, "control_residuals",
+                            lambda c, *a, **k: self.writenet.append(c.batch_size) or control(c, *a, **k))
+
+
+def test_batched_cond_rows_equal_the_unbatched_call(tiny_teacher, conditions):
+    """CFG scale 1 on a batched call (eps_u + 1 (eps_c - eps_u) = eps_c) equals the cond-only call."""
+    from student_model_v2.anytext2.model import concat_conditions
+
+    cond, uncond = conditions
+    x = _latents(1)
+    with torch.no_grad():
+        both = concat_conditions([cond, uncond])
+        batched = tiny_teacher.predict_eps(torch.cat([x, x]), 500, both, tiny_teacher.control_residuals(both))
+        alone = tiny_teacher.predict_eps(x, 500, cond, tiny_teacher.control_residuals(cond))
+    eps_c, eps_u = batched.chunk(2)
+    torch.testing.assert_close(eps_u + 1.0 * (eps_c - eps_u), alone, rtol=1e-4, atol=1e-5)
+
+
+def test_unit_guidance_runs_no_uncond_rows_and_equals_the_unguided_sampler(tiny_teacher, conditions, monkeypatch):
+    cond, uncond = conditions
+    counter = _Counter(tiny_teacher, monkeypatch)
+    guided_off = sample_teacher_ddim(tiny_teacher, cond, uncond, steps=3, guidance_scale=1.0, latents=_latents(2),
+                                     images_per_condition=2)
+    assert counter.unet == [2, 2, 2] and counter.writenet == [1]
+    no_uncond = sample_teacher_ddim(tiny_teacher, cond, None, steps=3, latents=_latents(2), images_per_condition=2)
+    torch.testing.assert_close(guided_off, no_uncond)
+
+
+def test_batched_cfg_equals_cond_and_uncond_run_separately(tiny_teacher, conditions, monkeypatch):
+    cond, uncond = conditions
+    counter = _Counter(tiny_teacher, monkeypatch)
+    batched = sample_teacher_ddim(tiny_teacher, cond, uncond, steps=3, guidance_scale=7.5, latents=_latents(2),
+                                  images_per_condition=2)
+    assert counter.unet == [4, 4, 4] and counter.writenet == [2]  # one call per step, cond + uncond rows
+    counter.unet.clear(), counter.writenet.clear()
+    separate = sample_teacher_ddim(tiny_teacher, cond, uncond, steps=3, guidance_scale=7.5, latents=_latents(2),
+                                   images_per_condition=2, batch_cfg=False)
+    assert counter.unet == [2] * 6 and counter.writenet == [1, 1]
+    # batch-size-dependent CPU round-off, amplified 7.5x by the guidance: a real mismatch is O(1)
+    torch.testing.assert_close(batched, separate, rtol=1e-3, atol=2e-4)
+    assert not torch.allclose(batched, sample_teacher_ddim(tiny_teacher, cond, None, steps=3, latents=_latents(2),
+                                                           images_per_condition=2), atol=1e-3)
+
+
+def test_shared_condition_rows_equal_an_explicit_batch(tiny_teacher, conditions):
+    cond, uncond = conditions
+    shared = sample_teacher_ddim(tiny_teacher, cond, uncond, steps=2, latents=_latents(3), images_per_condition=3)
+    explicit = sample_teacher_ddim(tiny_teacher, repeat_conditions(cond, 3), repeat_conditions(uncond, 3), steps=2,
+                                   latents=_latents(3))
+    torch.testing.assert_close(shared, explicit, rtol=1e-3, atol=2e-4)
+
+
+def test_student_lcm_is_one_unet_pass_per_step_and_one_writenet_pass(tiny_teacher, conditions, monkeypatch):
+    cond, _ = conditions
+    counter = _Counter(tiny_teacher, monkeypatch)
+    generator = torch.Generator().manual_seed(3)
+    first = sample_student_lcm(tiny_teacher, cond, steps=4, generator=generator, latents=_latents(2),
+                               images_per_condition=2)
+    assert counter.unet == [2, 2, 2, 2] and counter.writenet == [1]
+    again = sample_student_lcm(tiny_teacher, cond, steps=4, generator=torch.Generator().manual_seed(3),
+                               latents=_latents(2), images_per_condition=2)
+    torch.testing.assert_close(first, again)
+    other_noise = sample_student_lcm(tiny_teacher, cond, steps=4, generator=torch.Generator().manual_seed(4),
+                                     latents=_latents(2), images_per_condition=2)
+    assert not torch.allclose(first, other_noise)  # LCM re-injects fresh noise between steps
