@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: setup demo test golden
+.PHONY: setup browser demo test golden
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ demo: setup
 	$(PY) -m student_model_v2.eval_distillation --adapter runs/quickstart/checkpoint-final \
 		--output_json runs/quickstart/distillation_eval.json
 
-test: setup
+# The demo's browser test drives Debian's chromium through chromedriver (system packages, not pip).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "install chromium and chromium-driver (apt) for the browser test" >&2; exit 1; fi
+
+test: setup browser
 	$(PY) -m pytest -q tests
 
 golden: setup
