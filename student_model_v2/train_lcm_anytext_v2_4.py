@@ -22,13 +22,14 @@ import torch
 
 from student_model_v2 import lcm_utils_v2 as lcm
 from student_model_v2.training.aux_losses import AuxiliaryLosses, add_aux_loss_arguments
-from student_model_v2.training.trainer import Denoisers, LossOutput, Objective, make_parser, run
+from student_model_v2.training.trainer import Denoisers, LossOutput, Objective, PassPlan, make_parser, run
 
 
 class LCMObjective(Objective):
     """Consistency distillation with the online student as target network (LCM-LoRA)."""
 
     name = "v2_4"
+    passes = PassPlan(cache_uncond_captions=True)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
