@@ -5,22 +5,20 @@ reference; we report the latent MSE to it of (a) the student's 4-step LCM sample
 sampler with the LoRA disabled (the untrained student, i.e. before training) and (c) the teacher's own
 4-step DDIM with CFG. Distillation works when (a) is below both (b) and (c).
 
-Usage: ``python -m student_model_v2.eval_distillation --adapter RUN/checkpoint-final [--config ...]``
+Usage: ``python -m student_model_v2.eval_distillation --adapter RUN/checkpoint-final`` (model, data and
+split are the run's own, read from ``RUN/args.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from .anytext2.checkpoint import build_random_teacher, load_teacher
-from .anytext2.config import MODELS_YAML_DIR
 from .samplers import sample_student_lcm, sample_teacher_ddim
-from .training.args import DEFAULT_DATASET, DEFAULT_NEGATIVE_PROMPT
 from .training.conditioning import encode_batch
 from .training.lora import adapters_disabled, load_lora
 from .dataset_anytext_v2 import AnyTextDataset, collate_fn, make_splits
@@ -54,41 +52,48 @@ def latent_gaps(model, peft_model, batches, seeds, args) -> dict[str, float]:
     return {key: value / count for key, value in totals.items()}
 
 
-def held_out_batches(args) -> list[dict]:
-    dataset = AnyTextDataset(args.dataset_json, resolution=args.resolution, seed=args.data_seed,
+def held_out_batches(run: argparse.Namespace, batch_size: int, data_seed: int) -> list[dict]:
+    """The run's own val + test samples (same files, resolution and split), edit mode and font-hint
+    augmentation off so every evaluation sees the same conditioning."""
+    dataset = AnyTextDataset(run.dataset_json, resolution=run.resolution, max_lines=run.max_lines,
+                             max_chars=run.max_chars, font_path=run.font_path, seed=data_seed,
                              mask_img_prob=0.0, font_hint_randaug=False)
-    splits = make_splits(dataset, (args.train_ratio, args.val_ratio, args.test_ratio), args.split_seed)
+    splits = make_splits(dataset, (run.train_ratio, run.val_ratio, run.test_ratio), run.split_seed)
     held = [splits["val"][i] for i in range(len(splits["val"]))] + [splits["test"][i] for i in range(len(splits["test"]))]
     if not held:
-        raise SystemExit("no held-out samples: give the val/test ratios some weight")
-    return [collate_fn(held[i : i + args.batch_size]) for i in range(0, len(held), args.batch_size)]
+        raise SystemExit("no held-out samples: the run's val/test ratios leave none")
+    return [collate_fn(held[i : i + batch_size]) for i in range(0, len(held), batch_size)]
+
+
+def training_args(adapter: Path) -> argparse.Namespace:
+    """The flags the adapter was trained with (``args.json`` the trainer writes into its run folder)."""
+    path = adapter.parent / "args.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: evaluate a checkpoint folder inside a trainer run folder")
+    run = argparse.Namespace(**json.loads(path.read_text()))
+    if run.use_mock_dataset:
+        raise SystemExit(f"{adapter}: trained on the mock dataset, which has no held-out files to evaluate on")
+    return run
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True, help="LoRA adapter folder (a checkpoint of the trainer)")
-    parser.add_argument("--config", default=str(MODELS_YAML_DIR / "anytext2_tiny.yaml"))
-    parser.add_argument("--teacher_ckpt", default="")
-    parser.add_argument("--dataset_json", nargs="+", default=[DEFAULT_DATASET])
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--train_ratio", type=float, default=0.9)
-    parser.add_argument("--val_ratio", type=float, default=0.05)
-    parser.add_argument("--test_ratio", type=float, default=0.05)
-    parser.add_argument("--split_seed", type=int, default=42)
+    parser.add_argument("--adapter", required=True, type=Path,
+                        help="a checkpoint folder of a trainer run; model, data and split come from the run's args.json")
     parser.add_argument("--data_seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--teacher_steps", type=int, default=50)
     parser.add_argument("--student_steps", type=int, default=4)
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="teacher CFG scale s (LCM w = s - 1)")
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="training grid N (LCMScheduler origin steps)")
-    parser.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT)
     parser.add_argument("--output_json", default="")
     args = parser.parse_args(argv)
-    model = load_teacher(args.config, args.teacher_ckpt) if args.teacher_ckpt else build_random_teacher(args.config)
+    run = training_args(args.adapter)
+    args.num_inference_steps, args.negative_prompt = run.num_inference_steps, run.negative_prompt
+    model = load_teacher(run.config, run.teacher_ckpt) if run.teacher_ckpt else build_random_teacher(run.config)
     peft_model = load_lora(model, args.adapter)
     peft_model.eval()
-    gaps = latent_gaps(model, peft_model, held_out_batches(args), args.seeds, args)
+    gaps = latent_gaps(model, peft_model, held_out_batches(run, args.batch_size, args.data_seed), args.seeds, args)
     report = {"latent_mse_to_teacher_%dstep_cfg" % args.teacher_steps: gaps, "adapter": str(args.adapter),
               "random_init_teacher": model.is_random_init, "distillation_helps": gaps["student_lcm"] < min(
                   gaps["untrained_student_lcm"], gaps["teacher_ddim_few"])}
@@ -99,4 +104,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()

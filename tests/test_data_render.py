@@ -179,7 +179,6 @@ def test_font_hint_marks_dark_strokes_and_occlusion_cuts_a_band(font):
 
 
 def _recognizer():
-    pytest.importorskip("rapidocr_onnxruntime")
     from student_model_v2.line_ocr import load_recognizer
     return load_recognizer(threads=1)
 

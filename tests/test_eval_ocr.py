@@ -25,7 +25,6 @@ def font() -> GlyphFont:
 
 @pytest.fixture(scope="module")
 def reader():
-    pytest.importorskip("rapidocr_onnxruntime")
     from student_model_v2.line_ocr import LineReader
     return LineReader(threads=1)
 
