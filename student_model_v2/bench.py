@@ -22,7 +22,11 @@ conditioning, sampling and VAE decode; same request, image count and seed) for t
 steps, CFG 7.5) and the student (4 LCM steps, merged LoRA), their ratio, and the UNet/WriteNet passes
 counted by wrapping the model's methods. The target is a speed-up of at least 0.85 of the pass-count
 ratio (teacher 40 UNet + 2 WriteNet passes vs student 4 + 1). Without ``--lora_path`` the student is a
-freshly initialised rank-64 LoRA, merged (the cost does not depend on its values).
+freshly initialised rank-64 LoRA, merged (the cost does not depend on its values). Timed requests are
+steady-state ones: the pipeline's once-per-pipeline work (VAE moments of generation mode's blank masked
+image, the teacher's negative-prompt CLIP contexts) is primed first. Besides the ratio the JSON gives the
+sampling-only ratio and ``speedup_if_conditioning_free`` = (sample + decode) ratio, the ceiling that no
+conditioning speed-up can pass, since decoding is the same work for both models.
 """
 
 from __future__ import annotations
@@ -256,6 +260,9 @@ def bench_infer(args: argparse.Namespace) -> dict:
                           positions=[[r // 16, r // 8, r - r // 16, r // 2 - r // 16],
                                      [r // 8, r // 2 + r // 16, r - r // 8, r - r // 8]])
     common = dict(num_images=args.num_images, seed=args.seed)
+    # A pipeline encodes the blank masked image and the negative prompt once; prime both so that every
+    # timed request, teacher or student, is a steady-state request even with --warmup 0.
+    pipe(request, SamplingOptions(sampler="teacher", steps=1, guidance_scale=7.5, num_images=1, seed=args.seed))
     teacher = _time_requests(pipe, request, SamplingOptions(sampler="teacher", steps=20, guidance_scale=7.5, **common),
                              args.warmup, args.repeats, counter)
     with tempfile.TemporaryDirectory(prefix="anytext_bench_lora_") as tmp:
@@ -272,6 +279,11 @@ def bench_infer(args: argparse.Namespace) -> dict:
     pass_ratio = passes["teacher"] / passes["student"]
     speedup = teacher["latency_s"] / student["latency_s"]
     sampling_speedup = teacher["median_seconds"]["sample"] / student["median_seconds"]["sample"]
+    # What the ratio could reach if conditioning (rendering, OCR, CLIP, VAE encode) cost nothing: sampling
+    # and decoding are then all that is left, and the shared decode still dilutes the ratio.
+    seconds = {name: r["median_seconds"] for name, r in (("teacher", teacher), ("student", student))}
+    ceiling = ((seconds["teacher"]["sample"] + seconds["teacher"]["decode"])
+               / (seconds["student"]["sample"] + seconds["student"]["decode"]))
     return {
         "command": "infer", "config": args.config, "device": str(pipe.device), "dtype": args.dtype,
         "random_init_teacher": pipe.model.is_random_init,
@@ -281,8 +293,12 @@ def bench_infer(args: argparse.Namespace) -> dict:
         "teacher": teacher, "student": student,
         "speedup_end_to_end": round(speedup, 3),
         "speedup_sampling_only": round(sampling_speedup, 3),
+        "speedup_if_conditioning_free": round(ceiling, 3),
         "pass_count_ratio": round(pass_ratio, 3),
         "speedup_over_pass_ratio": round(speedup / pass_ratio, 3),
+        "sampling_only_over_pass_ratio": round(sampling_speedup / pass_ratio, 3),
+        "conditioning_free_over_pass_ratio": round(ceiling / pass_ratio, 3),
+        "student_fixed_cost_share": round(1 - seconds["student"]["sample"] / seconds["student"]["total"], 3),
         "target_speedup_over_pass_ratio": 0.85,
         "meets_target": speedup / pass_ratio >= 0.85,
     }

@@ -4,8 +4,9 @@ The original ``demo_v2.py``'s features on :mod:`student_model_v2.pipeline_anytex
 editing tabs, positions drawn on a canvas (or typed as JSON boxes/polygons), up to five lines with a
 font ("No Font", "Mimic From Image" or a font from ``font/``) and a colour each, hollow font, sort
 priority, revise position, image count, size, strength, attnx scale, seed, eta, added/negative prompt,
-debug view, examples; results are saved to ``--save_dir``. Everything about conditioning, rendering
-and sampling is the pipeline's; this module only turns widget values into a
+base model path and community "LoRA Path and Ratio" (applied on each Run, the model rebuilt only when they
+change), debug view, examples; results are saved to ``--save_dir``. Everything about conditioning,
+rendering, sampling and model swaps is the pipeline's; this module only turns widget values into a
 :class:`~student_model_v2.pipeline_anytext2.TextRequest` and
 :class:`~student_model_v2.pipeline_anytext2.SamplingOptions`. Bad input is shown as a message
 (``gr.Error`` with the pipeline's :class:`InferenceInputError` text), never as a traceback.
@@ -44,9 +45,9 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from .glyph_render import DEFAULT_FONT_PATH  # noqa: E402
 from .inference_inputs import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, SORT_PRIORITIES, InferenceInputError,  # noqa: E402
                                as_rgb_image, parse_color, parse_positions_argument, resize_mask)
+from .model_swaps import LORA_EXAMPLE, format_lora_list, parse_lora_list  # noqa: E402
 from .pipeline_anytext2 import (HOLLOW_NOISE_PATH, MAX_SEED, STUDENT_STEPS, TEACHER_STEPS,  # noqa: E402
                                 AnyText2Pipeline, InferenceResult, LineStyle, SamplingOptions, TextRequest)
-from .revise_position import revise_positions  # noqa: E402
 
 # Gradio reads this whenever it would send telemetry or check its version: never, in this demo.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -288,7 +289,8 @@ class DemoBackend:
             font_5: str, color_5: str, mimic_5: dict | None,
             font_hollow: bool, sampler: str, img_count: float, lcm_steps: float, ddim_steps: float, width: float,
             height: float, strength: float, attnx_scale: float, cfg_scale: float, seed: float, eta: float,
-            a_prompt: str, n_prompt: str, show_debug: bool) -> tuple[list, str]:
+            a_prompt: str, n_prompt: str, show_debug: bool, base_model_path: str,
+            lora_path_ratio: str) -> tuple[list, str]:
         """The Run buttons' handler; its parameter names are the API's (``gradio_client`` keyword arguments),
         hence one parameter per widget. Returns the gallery (images, then debug renders) and the details."""
         ui = UiRequest(mode, img_prompt, text_prompt, positions_json, draw_img, edit_img, sort_priority, int(width),
@@ -298,18 +300,16 @@ class DemoBackend:
                                  [color_1, color_2, color_3, color_4, color_5],
                                  [mimic_1, mimic_2, mimic_3, mimic_4, mimic_5], self.fonts)
             request, notes = text_request(ui, styles)
+            request.revise_position = bool(revise_pos)
             if sampler == "teacher" and not self.pipeline.can_sample_teacher:
                 raise InferenceInputError("the teacher is not available: the student LoRA is merged into the weights "
                                           "(start the demo with --use_ddim_sampler to keep it separate)")
             steps = lcm_steps if sampler == "student" else ddim_steps
             options, option_notes = sampling_options(sampler, steps, cfg_scale, eta, strength, attnx_scale,
                                                      img_count, seed)
+            swap_notes = self.pipeline.set_model_swaps(base_model_path or None, parse_lora_list(lora_path_ratio))
             start = time.perf_counter()
             conditioning = self.pipeline.prepare(request)
-            if revise_pos and mode == "gen":
-                notes += revise_positions(conditioning)
-            elif revise_pos:
-                notes.append("Revise Position applies to generation only; editing keeps the drawn positions")
             prepared = time.perf_counter() - start
             result = self.pipeline.generate(conditioning, options)
         except InferenceInputError as exc:
@@ -317,6 +317,8 @@ class DemoBackend:
         result.timings["prepare"] = prepared
         result.timings["total"] += prepared
         result.warnings = notes + option_notes + result.warnings
+        for note in swap_notes:
+            gr.Info(note)
         for warning in dict.fromkeys(result.warnings):
             gr.Warning(warning)
         saved = self._save(result, request, options, mode, revise_pos)
@@ -336,6 +338,9 @@ class DemoBackend:
                     "a_prompt": request.a_prompt, "n_prompt": request.n_prompt,
                     "guidance_scale": options.guidance_scale, "eta": options.eta, "strength": options.strength,
                     "attnx_scale": options.attnx_scale, "lora_path": self.pipeline.lora_path}
+        if self.pipeline.recipe is not None:
+            settings["base_model_path"] = self.pipeline.recipe.base_model_path
+            settings["community_loras"] = [list(lora) for lora in self.pipeline.recipe.community_loras]
         try:
             return save_results(self.config.save_dir, result, settings)
         except OSError as exc:
@@ -351,6 +356,7 @@ class DemoBackend:
         lines = [f"**{result.sampler}** ({how}) · {request.mode} · {width}×{height} · "
                  f"{len(result.images)} image(s) · seed {result.seed}", f"seconds: {seconds}",
                  f"prompt: `{result.prompt}`"]
+        lines += [f"model: {note}" for note in self.pipeline.swap_notes]
         lines += [f"warning: {w}" for w in dict.fromkeys(result.warnings)]
         if saved:
             lines.append(f"saved to `{saved[0].parent}` ({saved[0].name.rsplit('_', 1)[0]}_*.png and .json)")
@@ -476,6 +482,17 @@ def build_demo(pipeline: AnyText2Pipeline, config: DemoConfig | None = None) -> 
                     a_prompt = gr.Textbox(label="Added Prompt", value=DEFAULT_A_PROMPT)
                     n_prompt = gr.Textbox(label="Negative Prompt", value=DEFAULT_N_PROMPT,
                                           info="used by the teacher's CFG only")
+                    recipe = pipeline.recipe
+                    base_model_path = gr.Textbox(
+                        label="Base Model Path", value=(recipe.base_model_path or "") if recipe else "",
+                        placeholder="/path/to/sd15_model.safetensors", elem_id="base_model_path",
+                        info="another SD1.5 checkpoint (LDM format) whose UNet and text encoder replace AnyText2's; "
+                             "empty: the checkpoint's own")
+                    lora_path_ratio = gr.Textbox(
+                        label="LoRA Path and Ratio", value=format_lora_list(recipe.community_loras) if recipe else "",
+                        placeholder=LORA_EXAMPLE, elem_id="lora_path_ratio",
+                        info="SD1.5 LoRAs (kohya or diffusers files) merged into the base model, as 'path ratio' "
+                             "pairs; changing either box reloads the model on the next Run")
                 img_prompt = gr.Textbox("", label="Image Prompt", elem_id="img_prompt",
                                         placeholder="Describe the image, e.g.: a cartoon cat holding a sign")
                 text_prompt = gr.Textbox("", label="Text Prompt", elem_id="text_prompt",
@@ -545,7 +562,7 @@ def build_demo(pipeline: AnyText2Pipeline, config: DemoConfig | None = None) -> 
         line_inputs = [c for triple in zip(fonts, colors, mimics) for c in triple]
         inputs = [img_prompt, text_prompt, positions_json, draw_img, edit_img, sort_priority, revise_pos,
                   *line_inputs, font_hollow, sampler, img_count, lcm_steps, ddim_steps, width, height, strength,
-                  attnx_scale, cfg_scale, seed, eta, a_prompt, n_prompt, show_debug]
+                  attnx_scale, cfg_scale, seed, eta, a_prompt, n_prompt, show_debug, base_model_path, lora_path_ratio]
         run_gen.click(backend.run, [gr.State("gen"), *inputs], [gallery, info], api_name="generate")
         run_edit.click(backend.run, [gr.State("edit"), *inputs], [gallery, info], api_name="edit")
     demo.queue(default_concurrency_limit=1)  # the pipeline serves one request at a time

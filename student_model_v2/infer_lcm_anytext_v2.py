@@ -8,6 +8,10 @@ Three modes, picked by the flags:
   (JSON polygons/boxes, a ``.json`` file, or a mask image with white text areas);
 * editing: ``--prompt ... --edit_image photo.jpg --edit_mask mask.png`` (white = repaint here).
 
+AnyText2's optional swaps restyle the teacher (and so the student built on it): ``--base_model_path`` loads
+another SD1.5 checkpoint's UNet and text encoder over it, ``--community_lora PATH RATIO`` (repeatable)
+merges a kohya or diffusers SD1.5 LoRA into them; the student LoRA is applied afterwards.
+
 Writes ``--output_path`` (``<stem>_<k>.png`` for several images), ``<stem>_glyphs.png`` and
 ``<stem>_font_hint.png`` (debug renders), ``<stem>.json`` (settings, captions, seed, timings, warnings)
 and with ``--compare_teacher`` ``<stem>_compare.png``: student | teacher side by side with their
@@ -29,6 +33,7 @@ from PIL import Image, ImageDraw
 from .glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
 from .inference_inputs import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, SORT_PRIORITIES, InferenceInputError,
                                load_image_file, parse_positions_argument)
+from .model_swaps import normalise_swaps
 from .pipeline_anytext2 import (AnyText2Pipeline, Conditioning, InferenceResult, LineStyle, SamplingOptions,
                                 TextRequest, build_conditioning, conditioning_from_sample, resolve_seed)
 
@@ -54,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
     model.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     model.add_argument("--font_path", default=str(DEFAULT_FONT_PATH), help="glyph font (glyphs and OCR strips)")
+    model.add_argument("--base_model_path", default=None,
+                       help="another SD1.5 checkpoint (LDM format) whose UNet and text encoder replace the teacher's")
+    model.add_argument("--community_lora", nargs=2, action="append", default=[], metavar=("PATH", "RATIO"),
+                       help="merge an SD1.5 LoRA (kohya or diffusers file) with this ratio; repeatable")
 
     data = parser.add_argument_group("dataset sample")
     data.add_argument("--dataset_json", default=str(DEFAULT_DATASET_JSON))
@@ -78,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="line (1-based) whose font is copied from the masked text of an image")
     free.add_argument("--colors", nargs="+", default=[], help="per line: 'r,g,b', '#rrggbb' or 'none' (500 = unspecified)")
     free.add_argument("--font_hollow", action="store_true", help="AnyText2's hollow font hint (needs font/bg_noise.png)")
+    free.add_argument("--revise_position", action="store_true",
+                      help="fit each line's position to its rendered glyphs (generation only, AnyText2's Revise Position)")
     free.add_argument("--a_prompt", default=DEFAULT_A_PROMPT)
     free.add_argument("--n_prompt", default=DEFAULT_N_PROMPT)
 
@@ -120,6 +131,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InferenceInputError(f"--num_images must be at least 1, got {args.num_images}")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InferenceInputError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    base_model_path, community_loras = normalise_swaps(args.base_model_path, args.community_lora)
+    for flag, path in [("--base_model_path", base_model_path)] + [("--community_lora", p) for p, _ in community_loras]:
+        if path and not Path(path).is_file():
+            raise InferenceInputError(f"{flag} {path}: no such file")
 
 
 def line_styles(args: argparse.Namespace) -> list[LineStyle]:
@@ -157,6 +172,7 @@ def text_request(args: argparse.Namespace) -> TextRequest:
         width=args.width or size_w, height=args.height or size_h,
         edit_image=load_image_file(args.edit_image, "edit image") if args.edit_image else None,
         a_prompt=args.a_prompt, n_prompt=args.n_prompt, sort_priority=args.sort_priority, font_hollow=args.font_hollow,
+        revise_position=args.revise_position,
     )
 
 
@@ -274,6 +290,9 @@ def save_outputs(args: argparse.Namespace, conditioning: Conditioning, results: 
         "size": [conditioning.width, conditioning.height],
         "lora_path": args.lora_path, "lora_merged": pipe.lora_merged, "lora_scale": args.lora_scale,
         "teacher_ckpt": args.teacher_ckpt or "random init (init rule)",
+        "base_model_path": pipe.recipe.base_model_path,
+        "community_loras": [list(lora) for lora in pipe.recipe.community_loras],
+        "model_swaps": pipe.swap_notes,
         "device": str(pipe.device), "dtype": args.dtype,
         "runs": {name: {"sampler": r.sampler, "steps": r.steps, "seed": r.seed,
                         "seconds": {k: round(v, 4) for k, v in r.timings.items()}, "warnings": r.warnings}
@@ -296,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         conditioning = prepare_conditioning(args, seed)
         pipe = AnyText2Pipeline.from_pretrained(
             args.config, args.teacher_ckpt or None, device=args.device, dtype=DTYPES[args.dtype],
-            font_path=args.font_path, trust_checkpoint=args.trust_checkpoint)
+            font_path=args.font_path, trust_checkpoint=args.trust_checkpoint, base_model_path=args.base_model_path,
+            community_loras=args.community_lora)
         results = run_samplers(args, pipe, conditioning, seed)
         report = save_outputs(args, conditioning, results, pipe)
     except InferenceInputError as exc:

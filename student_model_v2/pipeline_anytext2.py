@@ -15,6 +15,11 @@ AnyText2's per-line renders and captions with no model involved (the same render
 training data pipeline), and :meth:`AnyText2Pipeline.generate` encodes, samples and decodes them.
 Every problem with the input raises :class:`InferenceInputError` with a message for the user.
 
+AnyText2's optional model swaps (another SD1.5 base model, community LoRAs merged with a ratio;
+``model_swaps.py``) are given to :meth:`AnyText2Pipeline.from_pretrained` or changed later with
+:meth:`AnyText2Pipeline.set_model_swaps`, which rebuilds the model from its recipe and re-applies the
+student LoRA, as the original did after every reload.
+
 Conditioning is built once per request at batch 1 and shared by all images (AnyText2 builds identical
 rows for every image): OCR, CLIP, the masked-image VAE encode and the WriteNet run once, only the UNet
 and the decoder see ``num_images`` rows. Random draws come from one CPU generator seeded with the
@@ -29,7 +34,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,8 +42,6 @@ import cv2
 import numpy as np
 import torch
 
-from .anytext2.checkpoint import CheckpointError, build_random_teacher, load_teacher
-from .anytext2.config import ConfigError
 from .anytext2.model import AnyText2Model, TextInfo
 from .anytext2.ocr_preprocess import crop_image
 from .glyph_render import (COLOR_SENTINEL, DEFAULT_FONT_PATH, GLY_LINE_HEIGHT, GLY_LINE_WIDTH, FontError, GlyphFont,
@@ -48,7 +51,11 @@ from .inference_inputs import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, MAX_CHARS, PL
                                find_polygon, parse_color, parse_prompt, polygons_from_spec, positions_from_mask,
                                positions_from_polygons, prepare_edit_image, resize_mask, scrub_placeholders,
                                validate_texts)
+from .inference_cache import BlankLatentCache, is_blank_masked_image
+from .model_swaps import ModelRecipe, load_swapped_teacher, normalise_swaps
+from .revise_position import revise_line_masks
 from .samplers import sample_student_lcm, sample_teacher_ddim
+from .training.conditioning import UncondCaptionCache
 from .training.lora import adapters_disabled, load_lora
 
 STUDENT_STEPS = 4
@@ -86,6 +93,7 @@ class TextRequest:
     ``[x0, y0, x1, y1]`` in output pixels (edit mode: pixels of ``edit_image`` as given), or a mask
     image with white text areas on black. An ``edit_image`` (RGB) switches to edit mode: the image is
     resized to multiples of 64 (long side at most 1024) and the positions are repainted.
+    ``revise_position`` (generation only, as upstream) fits each line's position to its rendered glyphs.
     """
 
     prompt: str
@@ -99,6 +107,7 @@ class TextRequest:
     n_prompt: str = DEFAULT_N_PROMPT
     sort_priority: str = "↕"
     font_hollow: bool = False
+    revise_position: bool = False
 
     @property
     def mode(self) -> str:
@@ -396,6 +405,11 @@ def build_conditioning(
         line_masks = [_tensor(np.zeros((height, width)))]
         colors = [torch.full((1, 3), COLOR_SENTINEL / 255.0)]
         mimic_crops = [None]
+    if request.revise_position and request.mode == "gen":
+        line_masks, revise_warnings = revise_line_masks(glyphs, line_masks, texts)
+        warnings += revise_warnings
+    elif request.revise_position:
+        warnings.append("Revise Position applies to generation only; editing keeps the drawn positions")
     hint = np.zeros((height, width), np.float32)
     for position in positions:
         hint = np.maximum(hint, position.mask)
@@ -443,21 +457,61 @@ def conditioning_from_sample(sample: dict[str, Any], negative_prompt: str = DEFA
 # the pipeline
 
 
+def attach_student_lora(model: AnyText2Model, path: str | os.PathLike[str], scale: float,
+                        merge: bool) -> tuple[AnyText2Model, Any]:
+    """``model`` with a student adapter folder applied, and the peft handle (None once merged).
+
+    Merged, the adapter is folded into the weights; unmerged, it stays separate, scaled by ``scale``, and
+    the handle switches it off for the teacher.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    try:
+        peft_model = load_lora(model, path)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise InferenceInputError(f"cannot apply the LoRA {path}: {exc}") from exc
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in list(module.scaling):
+                module.set_scale(adapter, scale)
+    if merge:
+        return peft_model.merge_and_unload().eval(), None
+    return model.eval(), peft_model
+
+
+def build_model(recipe: ModelRecipe) -> tuple[AnyText2Model, Any, list[str]]:
+    """The recipe's model on the CPU: the teacher with its swaps (``model_swaps.py``), then the student
+    LoRA applied as recorded; also the peft handle and the swap notes."""
+    model, notes = load_swapped_teacher(recipe)
+    peft = None
+    if recipe.lora_path:
+        model, peft = attach_student_lora(model, recipe.lora_path, recipe.lora_scale, recipe.lora_merged)
+    return model, peft, notes
+
+
 class AnyText2Pipeline:
     """One AnyText2 model serving the student (LoRA on) and, unless the LoRA is merged, the teacher.
 
     ``load_lora(merge=True)`` folds the adapter into the weights (fastest student; the teacher is then
     gone); ``merge=False`` keeps it separate with a scale, and teacher sampling disables it.
+
+    A pipeline from :meth:`from_pretrained` keeps the :class:`ModelRecipe` it was built from, so
+    :meth:`set_model_swaps` can rebuild it with another base model or other community LoRAs
+    (``model_swaps.py``) and re-apply the student LoRA as it was; ``swap_notes`` describe the swaps.
     """
 
     def __init__(self, model: AnyText2Model, font_path: str | os.PathLike[str] = DEFAULT_FONT_PATH) -> None:
         self.model = model
+        self.recipe: ModelRecipe | None = None
+        self.swap_notes: list[str] = []
         try:
             self.glyph_font = GlyphFont(font_path)
         except (FileNotFoundError, FontError) as exc:
             raise InferenceInputError(f"glyph font: {exc}") from exc
         self._fonts: dict[str, GlyphFont] = {str(self.glyph_font.path): self.glyph_font}
         self._peft = None
+        self._blank_latents = BlankLatentCache()
+        self._uncond_captions = UncondCaptionCache()
         self.lora_path: str | None = None
         self.lora_scale = 1.0
         self.lora_merged = False
@@ -475,19 +529,19 @@ class AnyText2Pipeline:
         dtype: torch.dtype = torch.float32,
         font_path: str | os.PathLike[str] = DEFAULT_FONT_PATH,
         trust_checkpoint: bool = False,
+        base_model_path: str | os.PathLike[str] | None = None,
+        community_loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
     ) -> "AnyText2Pipeline":
-        """Build from a YAML and a checkpoint (no checkpoint: the random init-rule teacher, for tests)."""
-        device = torch.device(device) if device else default_device()
-        try:
-            if teacher_ckpt:
-                model = load_teacher(config, teacher_ckpt, dtype=dtype, device=device, trust_pickle=trust_checkpoint)
-            else:
-                model = build_random_teacher(config, dtype=dtype, device=device)
-        except (CheckpointError, ConfigError, FileNotFoundError) as exc:
-            raise InferenceInputError(str(exc)) from exc
+        """Build from a YAML and a checkpoint (no checkpoint: the random init-rule teacher, for tests),
+        optionally with another SD1.5 base model and community LoRAs ``[(path, ratio), ...]`` merged in."""
+        base_model_path, community_loras = normalise_swaps(base_model_path, community_loras)
+        recipe = ModelRecipe(str(config), str(teacher_ckpt) if teacher_ckpt else None, dtype,
+                             torch.device(device) if device else default_device(), trust_checkpoint,
+                             base_model_path, community_loras, str(lora_path) if lora_path else None,
+                             float(lora_scale), bool(lora_path) and bool(merge_lora))
+        model, peft, notes = build_model(recipe)
         pipe = cls(model, font_path)
-        if lora_path:
-            pipe.load_lora(lora_path, scale=lora_scale, merge=merge_lora)
+        pipe._install(model, peft, notes, recipe)
         return pipe
 
     @property
@@ -504,24 +558,51 @@ class AnyText2Pipeline:
 
     def load_lora(self, path: str | os.PathLike[str], scale: float = 1.0, merge: bool = True) -> None:
         """Apply a student adapter folder (``adapter_config.json`` + weights), scaled by ``scale``."""
-        from peft.tuners.lora import LoraLayer
-
         if self.has_lora:
             raise InferenceInputError(f"a student LoRA is already applied ({self.lora_path}); build a new pipeline")
-        try:
-            peft_model = load_lora(self.model, path)
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise InferenceInputError(f"cannot apply the LoRA {path}: {exc}") from exc
-        for module in peft_model.modules():
-            if isinstance(module, LoraLayer):
-                for adapter in list(module.scaling):
-                    module.set_scale(adapter, scale)
-        if merge:
-            self.model = peft_model.merge_and_unload()
-        else:
-            self._peft = peft_model
-        self.model.eval()
+        self.model, self._peft = attach_student_lora(self.model, path, scale, merge)
         self.lora_path, self.lora_scale, self.lora_merged = str(path), float(scale), bool(merge)
+        if self.recipe is not None:
+            self.recipe = replace(self.recipe, lora_path=str(path), lora_scale=float(scale), lora_merged=bool(merge))
+
+    def set_model_swaps(self, base_model_path: str | os.PathLike[str] | None,
+                        community_loras: Sequence[tuple[str | os.PathLike[str], float]] = ()) -> list[str]:
+        """Use another SD1.5 base model (None: the checkpoint's own) and these community LoRAs ``[(path,
+        ratio), ...]``; returns a note per swap. Cheap when nothing changed (a UI may call it on every
+        request); otherwise the teacher is rebuilt from the recipe on the CPU, swapped, given the student
+        LoRA as before, and only then replaces the current model, which a bad file leaves untouched."""
+        base_model_path, community_loras = normalise_swaps(base_model_path, community_loras)
+        if self.recipe is None:
+            if base_model_path is None and not community_loras:
+                return []
+            raise InferenceInputError("this pipeline wraps a model built elsewhere, so it cannot reload it with "
+                                      "another base model or LoRAs: build it with AnyText2Pipeline.from_pretrained")
+        recipe = replace(self.recipe, base_model_path=base_model_path, community_loras=community_loras)
+        if recipe == self.recipe:
+            return []
+        model, peft, notes = build_model(recipe)
+        self._install(model, peft, notes, recipe)
+        return notes
+
+    def _install(self, model: AnyText2Model, peft: Any, notes: list[str], recipe: ModelRecipe) -> None:
+        """Make a model :func:`build_model` built on the CPU the pipeline's; the old one goes first, so the
+        device never holds both."""
+        self.model = self._peft = None
+        if recipe.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.model, self._peft = model.to(recipe.device), peft
+        self.recipe, self.swap_notes = recipe, notes
+        self.lora_path, self.lora_scale, self.lora_merged = recipe.lora_path, recipe.lora_scale, recipe.lora_merged
+        # the caches key on tensor identity, which a rebuilt model may reuse from a freed one
+        self._blank_latents, self._uncond_captions = BlankLatentCache(), UncondCaptionCache()
+
+    def set_base_model(self, path: str | os.PathLike[str] | None) -> list[str]:
+        """:meth:`set_model_swaps` with the current community LoRAs."""
+        return self.set_model_swaps(path, self.recipe.community_loras if self.recipe else ())
+
+    def set_community_loras(self, loras: Sequence[tuple[str | os.PathLike[str], float]]) -> list[str]:
+        """:meth:`set_model_swaps` with the current base model."""
+        return self.set_model_swaps(self.recipe.base_model_path if self.recipe else None, loras)
 
     def font(self, path: str | os.PathLike[str]) -> GlyphFont:
         """A per-line hint font, opened once per pipeline."""
@@ -547,6 +628,20 @@ class AnyText2Pipeline:
             raise InferenceInputError(f"sampler must be 'student' or 'teacher', got {sampler!r}")
         yield [] if self.has_lora else ["no student LoRA is loaded: this is few-step LCM sampling of the base teacher"]
 
+    def _masked_latent(self, conditioning: Conditioning, generator: torch.Generator) -> torch.Tensor:
+        """The masked image's latent; generation mode's blank image reuses its cached VAE moments."""
+        if is_blank_masked_image(conditioning.masked_image):
+            return self._blank_latents.latent(self.model, conditioning.masked_image, generator).float()
+        return self.model.vae_encode(conditioning.masked_image, generator=generator).float()
+
+    def _uncond_contexts(self, conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cached uncond CLIP contexts, unless the negative prompt holds placeholders (then per request)."""
+        if PLACEHOLDER in conditioning.negative_caption:
+            return None
+        contexts, _ = self._uncond_captions.get(self.model, conditioning.negative_caption, 1,
+                                                (conditioning.height, conditioning.width))
+        return contexts
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -566,11 +661,12 @@ class AnyText2Pipeline:
         with self._weights_for(options.sampler) as weight_warnings:
             self._sync()
             start = time.perf_counter()
-            masked_x = self.model.vae_encode(conditioning.masked_image, generator=generator).float()
+            masked_x = self._masked_latent(conditioning, generator)
             guided = options.sampler == "teacher" and options.guidance_scale != 1.0
             cond, uncond = self.model.encode_conditions(
                 conditioning.text_info(masked_x), [conditioning.image_caption], [conditioning.text_caption],
-                conditioning.negative_caption if guided else None)
+                conditioning.negative_caption if guided else None,
+                self._uncond_contexts(conditioning) if guided else None)
             latent_shape = (options.num_images, self.model.config.latent_channels, *masked_x.shape[-2:])
             latents = torch.randn(latent_shape, generator=generator)
             self._sync()

@@ -8,8 +8,8 @@ repaint hint stay as drawn, as upstream (``ms_wrapper.py``, generation mode only
 kernel sides are made odd: OpenCV's closing with an even kernel moves the result by a pixel, and the
 rectangle would then miss the glyphs' first row and column.
 
-The pipeline has no such option yet, so the demo applies this to the pipeline's prepared
-:class:`~student_model_v2.pipeline_anytext2.Conditioning`.
+``TextRequest(revise_position=True)`` applies it in the pipeline's ``build_conditioning``, so the CLI
+(``--revise_position``) and the demo share it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-
-from .pipeline_anytext2 import Conditioning
 
 
 def revised_line_mask(ink: np.ndarray) -> np.ndarray | None:
@@ -35,17 +33,19 @@ def revised_line_mask(ink: np.ndarray) -> np.ndarray | None:
     return closed.astype(np.float32) / 255.0
 
 
-def revise_positions(conditioning: Conditioning) -> list[str]:
-    """Replace each text line's position by its revised mask in place; returns warnings for the lines kept."""
-    warnings = []
-    for index, glyph in enumerate(conditioning.glyphs):
+def revise_line_masks(glyphs: list[torch.Tensor], positions: list[torch.Tensor],
+                      texts: list[str]) -> tuple[list[torch.Tensor], list[str]]:
+    """Each text line's position (``[1, 1, H, W]``) fitted to its glyphs (``[1, 3, H, W]``); returns the
+    new positions and warnings for the lines kept as drawn."""
+    revised, warnings = [], []
+    for index, (glyph, position) in enumerate(zip(glyphs, positions)):
         ink = glyph[0].amax(dim=0).numpy()
-        if not ink.any():
-            continue
-        mask = revised_line_mask(ink)
+        mask = revised_line_mask(ink) if ink.any() else None
         if mask is None:
-            warnings.append(f'could not revise position {index + 1} ("{conditioning.texts[index]}"): its glyphs do '
-                            "not form one block, so the drawn position is kept")
+            if ink.any():
+                warnings.append(f'could not revise position {index + 1} ("{texts[index]}"): its glyphs do not '
+                                "form one block, so the drawn position is kept")
+            revised.append(position)
             continue
-        conditioning.positions[index] = torch.from_numpy(mask)[None, None].to(conditioning.positions[index].dtype)
-    return warnings
+        revised.append(torch.from_numpy(mask)[None, None].to(position.dtype))
+    return revised, warnings

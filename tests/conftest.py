@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny random-init teacher and repository paths."""
+"""Shared fixtures: the tiny random-init teacher, a student adapter for it, and repository paths."""
 
 from __future__ import annotations
 
@@ -22,3 +22,19 @@ def tiny_teacher():
 
     torch.manual_seed(0)
     return build_random_teacher(TINY_YAML)
+
+
+@pytest.fixture(scope="session")
+def student_lora_dir(tmp_path_factory):
+    """A saved rank-4 student adapter for the tiny teacher whose B is non-zero, so it changes the images."""
+    from student_model_v2.anytext2.checkpoint import build_random_teacher
+    from student_model_v2.training.lora import add_lora
+
+    peft_model = add_lora(build_random_teacher(TINY_YAML), rank=4, alpha=4)
+    generator = torch.Generator().manual_seed(0)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    path = tmp_path_factory.mktemp("student_lora")
+    peft_model.save_pretrained(str(path))
+    return path

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from student_model_v2 import demo_v2
 from student_model_v2.glyph_render import GlyphFont
 from student_model_v2.inference_inputs import InferenceInputError
 from student_model_v2.pipeline_anytext2 import TextRequest, build_conditioning
-from student_model_v2.revise_position import revise_positions, revised_line_mask
+from student_model_v2.revise_position import revised_line_mask
 
 from .conftest import REPO_ROOT, TINY_YAML
 
@@ -106,13 +107,19 @@ def test_revise_position_fits_the_drawn_box_to_the_glyphs():
     font = GlyphFont("font/NotoSansCJKsc-Regular-subset.otf")
     request = TextRequest(prompt='"HELLO"', positions=[[8, 8, 120, 100]], width=SIZE, height=SIZE)
     cond = build_conditioning(request, font)
-    drawn, hint = cond.positions[0].clone(), cond.hint.clone()
-    assert revise_positions(cond) == []
-    revised = cond.positions[0]
+    request.revise_position = True
+    revised_cond = build_conditioning(request, font)
+    drawn, revised = cond.positions[0], revised_cond.positions[0]
+    assert revised_cond.warnings == []
     ink = cond.glyphs[0][0].amax(0) > 0
     assert revised.shape == drawn.shape and 0 < revised.sum() < drawn.sum()
     assert bool((revised[0, 0] > 0)[ink].all())  # the revised area still covers every glyph pixel
-    assert torch.equal(cond.hint, hint)  # the repaint hint stays as drawn, as upstream
+    assert torch.equal(revised_cond.hint, cond.hint)  # the repaint hint stays as drawn, as upstream
+    assert torch.equal(revised_cond.glyphs[0], cond.glyphs[0])
+    request.edit_image = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    edit = build_conditioning(request, font)
+    assert torch.equal(edit.positions[0], build_conditioning(replace(request, revise_position=False), font).positions[0])
+    assert any("generation only" in w for w in edit.warnings)
     two_blobs = np.zeros((SIZE, SIZE), np.float32)
     two_blobs[10:20, 10:20] = two_blobs[100:110, 100:110] = 1
     assert revised_line_mask(two_blobs) is None

@@ -74,6 +74,12 @@ def test_free_form_prompt_with_positions(lora_dir, tmp_path, capsys):
     assert cond.positions[0][0, 0, 4:29, 4:61].all() and cond.positions[0].sum() == 25 * 57
     assert cond.positions[1][0, 0, 34:61, 4:61].all() and torch.all(cond.masked_image == -1)
     assert all(g.sum() > 0 for g in cond.glyphs) and cond.colors[0].tolist() == [[1.0, 0.0, 0.0]]
+    box = _argv(lora_dir, tmp_path / "box.png", "--prompt", '"HELLO"', "--resolution", "128",
+                "--positions", "[[8, 8, 120, 100]]")
+    drawn = cli.prepare_conditioning(cli.build_parser().parse_args(box), 7)
+    revised = cli.prepare_conditioning(cli.build_parser().parse_args(box + ["--revise_position"]), 7)
+    assert 0 < revised.positions[0].sum() < drawn.positions[0].sum()   # fitted to the glyphs inside the box
+    assert torch.equal(revised.hint, drawn.hint) and revised.warnings == drawn.warnings
 
 
 def test_edit_mode_from_image_and_mask_files(lora_dir, tmp_path, capsys):

@@ -202,6 +202,29 @@ def test_crop_of_axis_aligned_region_keeps_original_subpixel_shift() -> None:
     torch.testing.assert_close(crop, expected, rtol=0, atol=1e-3)
 
 
+def test_crop_samples_only_the_box_yet_equals_the_full_image_warp() -> None:
+    """The original warps the whole image with affine_grid, then cuts the box; ours samples the box only."""
+    import cv2
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 96, 128, generator=generator) * 255
+    mask = np.zeros((96, 128), dtype=np.uint8)
+    cv2.fillPoly(mask, [np.array([[20, 30], [100, 12], [108, 40], [28, 60]], np.int32)], 255)
+    crop = crop_image(image, mask)
+    corners = min_area_box(mask).astype(np.float32)
+    width = max(np.linalg.norm(corners[0] - corners[1]), np.linalg.norm(corners[2] - corners[3]))
+    height = max(np.linalg.norm(corners[0] - corners[3]), np.linalg.norm(corners[1] - corners[2]))
+    target = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float32)
+    to_unit = np.array([[2 / 128, 0, -1], [0, 2 / 96, -1], [0, 0, 1]])
+    theta = np.linalg.inv(to_unit @ similarity_transform(corners, target) @ np.linalg.inv(to_unit))
+    grid = F.affine_grid(torch.from_numpy(theta[:2]).float()[None], [1, 3, 96, 128], align_corners=True)
+    full = F.grid_sample(image[None], grid, align_corners=True)[0].clamp(0, 255)
+    expected = full[:, : int(height), : int(width)]
+    assert crop.shape == expected.shape and min(crop.shape[1:]) > 10
+    torch.testing.assert_close(crop, expected, rtol=0, atol=1e-3)
+
+
 def test_crop_of_empty_mask_uses_fallback_box() -> None:
     image = torch.rand(3, 128, 128) * 255
     crop = crop_image(image, np.zeros((128, 128, 1), dtype=np.uint8))

@@ -253,27 +253,49 @@ def test_pipeline_passes_per_run(tiny_teacher, monkeypatch):
     assert unet == [6] * 5 and writenet == [2]
 
 
-@pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory):
-    from student_model_v2.anytext2.checkpoint import build_random_teacher
-    from student_model_v2.training.lora import add_lora
+def test_generation_reuses_the_blank_image_moments_and_the_uncond_captions(tiny_teacher, monkeypatch):
+    """Request-independent work runs once per pipeline, and the cached results equal the uncached ones."""
+    pipe = AnyText2Pipeline(tiny_teacher)
+    prepared = pipe.prepare(_gen_request())
+    generator = torch.Generator().manual_seed(3)
+    direct = tiny_teacher.vae_encode(prepared.masked_image, generator=generator)
+    for _ in range(2):
+        cached = pipe._masked_latent(prepared, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(cached, direct.float(), rtol=0, atol=0)
+    assert pipe._blank_latents.misses == 1
+    pipe._masked_latent(pipe.prepare(_gen_request(width=128)), generator)
+    assert pipe._blank_latents.misses == 2
 
-    peft_model = add_lora(build_random_teacher(TINY_YAML), rank=4, alpha=4)
-    generator = torch.Generator().manual_seed(0)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.05
-    path = tmp_path_factory.mktemp("lora")
-    peft_model.save_pretrained(str(path))
-    return path
+    vae_calls, uncond_calls = [], []
+    encode_moments = tiny_teacher.first_stage_model.encode_moments
+    uncond = tiny_teacher.uncond_caption_contexts
+    monkeypatch.setattr(tiny_teacher.first_stage_model, "encode_moments",
+                        lambda x: vae_calls.append(1) or encode_moments(x))
+    monkeypatch.setattr(tiny_teacher, "uncond_caption_contexts", lambda *a, **k: uncond_calls.append(1) or uncond(*a, **k))
+    teacher = SamplingOptions(sampler="teacher", steps=2, seed=4)
+    first = pipe.generate(prepared, teacher)
+    second = pipe.generate(prepared, teacher)
+    assert vae_calls == [] and uncond_calls == [1]
+    np.testing.assert_array_equal(first.images[0], second.images[0])
+    fresh = AnyText2Pipeline(tiny_teacher).generate(prepared, teacher)
+    np.testing.assert_array_equal(first.images[0], fresh.images[0])
+    prepared.negative_caption = "blurry *"   # depends on the lines: encoded per request
+    pipe.generate(prepared, teacher)
+    pipe.generate(prepared, teacher)
+    assert len(uncond_calls) == 4   # first pipeline once, the fresh one once, then once per request
+    assert len(vae_calls) == 1   # the fresh pipeline's first blank image
+    edit = pipe.prepare(_gen_request(edit_image=np.full((64, 64, 3), 200, np.uint8)))
+    for _ in range(2):
+        pipe.generate(edit, SamplingOptions(steps=1, seed=0))
+    assert len(vae_calls) == 3   # an edit image is encoded for each request
 
 
-def test_lora_merged_unmerged_scale_and_teacher(lora_dir, tiny_teacher):
+def test_lora_merged_unmerged_scale_and_teacher(student_lora_dir, tiny_teacher):
     request = _gen_request()
     options = SamplingOptions(num_images=1, seed=1, steps=2)
     base = AnyText2Pipeline(tiny_teacher)
-    merged = AnyText2Pipeline.from_pretrained(TINY_YAML, lora_path=lora_dir, merge_lora=True, device="cpu")
-    unmerged = AnyText2Pipeline.from_pretrained(TINY_YAML, lora_path=lora_dir, merge_lora=False, device="cpu")
+    merged = AnyText2Pipeline.from_pretrained(TINY_YAML, lora_path=student_lora_dir, merge_lora=True, device="cpu")
+    unmerged = AnyText2Pipeline.from_pretrained(TINY_YAML, lora_path=student_lora_dir, merge_lora=False, device="cpu")
     student = merged(request, options).images[0].astype(int)
     assert np.abs(student - unmerged(request, options).images[0]).max() <= 1
     assert np.abs(student - base(request, options).images[0]).max() > 8   # the adapter changes the images
@@ -281,9 +303,9 @@ def test_lora_merged_unmerged_scale_and_teacher(lora_dir, tiny_teacher):
     np.testing.assert_array_equal(unmerged(request, teacher).images[0], base(request, teacher).images[0])
     with pytest.raises(InferenceInputError, match="merged into the weights"):
         merged(request, teacher)
-    zero = AnyText2Pipeline.from_pretrained(TINY_YAML, lora_path=lora_dir, lora_scale=0.0, merge_lora=False, device="cpu")
+    zero = AnyText2Pipeline.from_pretrained(TINY_YAML, lora_path=student_lora_dir, lora_scale=0.0, merge_lora=False, device="cpu")
     np.testing.assert_array_equal(zero(request, options).images[0], base(request, options).images[0])
     with pytest.raises(InferenceInputError, match="already applied"):
-        merged.load_lora(lora_dir)
+        merged.load_lora(student_lora_dir)
     with pytest.raises(InferenceInputError, match="not a LoRA adapter folder"):
-        AnyText2Pipeline.from_pretrained(TINY_YAML, lora_path=lora_dir.parent, device="cpu")
+        AnyText2Pipeline.from_pretrained(TINY_YAML, lora_path=student_lora_dir.parent, device="cpu")

@@ -139,6 +139,32 @@ def test_cond_and_uncond_rows_batch_into_one_call_without_changing_numbers(tiny_
     torch.testing.assert_close(joint, separate, rtol=1e-4, atol=1e-5)
 
 
+def test_all_caption_windows_share_one_clip_call(tiny_teacher, monkeypatch):
+    """Image-caption chunks and the text caption go through CLIP together, with the numbers of one
+    window at a time (placeholders still consume the lines in caption order)."""
+    from student_model_v2.anytext2.text_encoder import split_chunks
+
+    encoder = tiny_teacher.cond_stage_model
+    info = _tiny_text_info()
+    long_caption = "a * sign " + " ".join(["a very long caption about a shop sign"] * 12) + " and *"
+    with torch.no_grad():
+        lines = tiny_teacher.line_embeddings(info).per_sample
+        used = [0, 0]
+        windows = split_chunks(encoder.tokenize_image_captions([long_caption] * 2))
+        expected = [encoder._transform(encoder._window_embeddings(w, lines, used)) for w in windows]
+        used = [0, 0]
+        text_ids = encoder.tokenize_text_captions(["Text says * , * . "] * 2)
+        expected_text = encoder._transform(encoder._window_embeddings(text_ids, lines, used))
+        calls = []
+        forward = encoder.transformer.text_model.encoder.forward
+        monkeypatch.setattr(encoder.transformer.text_model.encoder, "forward",
+                            lambda *a, **k: calls.append(k["inputs_embeds"].shape[0]) or forward(*a, **k))
+        image_context, text_context = encoder.encode([long_caption] * 2, ["Text says * , * . "] * 2, lines)
+    assert len(windows) == 2 and calls == [6]
+    torch.testing.assert_close(image_context, torch.cat(expected, dim=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text_context, expected_text, rtol=1e-5, atol=1e-5)
+
+
 def test_writenet_ignores_latent_and_timestep_and_placeholders_must_match_lines(tiny_teacher):
     from student_model_v2.anytext2.text_encoder import PlaceholderMismatch
 

@@ -53,15 +53,6 @@ _SVTR_DEPTH = 2
 _SVTR_MLP_RATIO = 2.0
 
 
-def _hard_swish(x: torch.Tensor) -> torch.Tensor:
-    return x * F.relu6(x + 3.0) / 6.0
-
-
-def _hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    # The plain (x + 3) / 6 form; Paddle's own SE uses a 1.2x slope, the PyTorch port does not.
-    return F.relu6(x + 3.0) / 6.0
-
-
 class _BackboneConvBN(nn.Module):
     """Bias-free conv + BN + hard-swish; attribute names give ``_conv.*`` / ``_batch_norm.*`` keys."""
 
@@ -81,7 +72,7 @@ class _BackboneConvBN(nn.Module):
         self._batch_norm = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _hard_swish(self._batch_norm(self._conv(x)))
+        return F.hardswish(self._batch_norm(self._conv(x)))
 
 
 class _SqueezeExcite(nn.Module):
@@ -95,7 +86,8 @@ class _SqueezeExcite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = F.adaptive_avg_pool2d(x, 1)
         gate = self.conv2(F.relu(self.conv1(gate)))
-        return x * _hard_sigmoid(gate)
+        # The plain relu6(x + 3) / 6 gate; Paddle's own SE uses a 1.2x slope, the PyTorch port does not.
+        return x * F.hardsigmoid(gate)
 
 
 class _DepthwiseSeparable(nn.Module):

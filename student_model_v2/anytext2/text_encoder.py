@@ -102,16 +102,21 @@ class TextEncoder(nn.Module):
             used[row] += count
         return embeds
 
-    def _encode_window(self, ids: torch.Tensor, lines: Sequence[torch.Tensor] | None, used: list[int]) -> torch.Tensor:
+    def _window_embeddings(self, ids: torch.Tensor, lines: Sequence[torch.Tensor] | None, used: list[int]) -> torch.Tensor:
+        """Token embeddings of one ``[B, 77]`` window with its placeholders substituted."""
+        embedding = self.transformer.text_model.embeddings.token_embedding
+        ids = ids.to(embedding.weight.device)
+        return self._substitute(ids, embedding(ids), lines, used)
+
+    def _transform(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The causal CLIP transformer over ``[N, 77, D]`` token embeddings (rows are independent)."""
         clip = self.transformer.text_model
-        device = clip.embeddings.token_embedding.weight.device
-        ids = ids.to(device)
-        tokens = self._substitute(ids, clip.embeddings.token_embedding(ids), lines, used)
         hidden = clip.embeddings(inputs_embeds=tokens)
-        length = ids.shape[1]
-        causal = torch.full((length, length), torch.finfo(hidden.dtype).min, device=device, dtype=hidden.dtype).triu(1)
-        hidden = clip.encoder(inputs_embeds=hidden, attention_mask=causal[None, None].expand(ids.shape[0], 1, -1, -1)).last_hidden_state
-        return clip.final_layer_norm(hidden)
+        length = tokens.shape[1]
+        causal = torch.full((length, length), torch.finfo(hidden.dtype).min, device=hidden.device,
+                            dtype=hidden.dtype).triu(1)
+        hidden = clip.encoder(inputs_embeds=hidden, attention_mask=causal[None, None].expand(tokens.shape[0], 1, -1, -1))
+        return clip.final_layer_norm(hidden.last_hidden_state)
 
     def encode(
         self,
@@ -122,11 +127,14 @@ class TextEncoder(nn.Module):
         """Return (UNet context ``[B, 77k, D]``, WriteNet context ``[B, 77, D]``).
 
         ``line_embeddings[i]`` is ``[n_lines_i, D]``. Placeholders consume lines in caption order; the
-        count carries across image-caption chunks and restarts at line 0 for the text caption.
+        count carries across image-caption chunks and restarts at line 0 for the text caption. All
+        windows of both captions go through the transformer as one batch: at inference the batch is a
+        single request, so one call instead of one per window saves whole passes of kernel launches.
         """
         used = [0] * len(image_captions)
-        windows = split_chunks(self.tokenize_image_captions(image_captions))
-        image_context = torch.cat([self._encode_window(w, line_embeddings, used) for w in windows], dim=1)
+        windows = [self._window_embeddings(w, line_embeddings, used)
+                   for w in split_chunks(self.tokenize_image_captions(image_captions))]
         used = [0] * len(text_captions)
-        text_context = self._encode_window(self.tokenize_text_captions(text_captions), line_embeddings, used)
-        return image_context, text_context
+        windows.append(self._window_embeddings(self.tokenize_text_captions(text_captions), line_embeddings, used))
+        contexts = self._transform(torch.cat(windows)).split([w.shape[0] for w in windows])
+        return torch.cat(contexts[:-1], dim=1), contexts[-1]

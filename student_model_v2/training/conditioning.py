@@ -57,7 +57,7 @@ def text_info_from_batch(batch: dict[str, Any], masked_x: torch.Tensor) -> TextI
     )
 
 
-def _weights_fingerprint(module: nn.Module) -> tuple:
+def weights_fingerprint(module: nn.Module) -> tuple:
     """Identity, dtype, device, storage and in-place version of every tensor of ``module``.
 
     ``load_state_dict`` bumps the versions and ``.to()`` changes dtype/device/storage, so any change of
@@ -92,7 +92,7 @@ class UncondCaptionCache:
             raise ValueError(f"negative prompt {negative_prompt!r} holds '{PLACEHOLDER}': its embedding depends on "
                              "the batch's text lines and cannot be cached")
         key = (negative_prompt, int(batch_size), tuple(int(s) for s in image_size),
-               _weights_fingerprint(model.cond_stage_model))
+               weights_fingerprint(model.cond_stage_model))
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key], False
