@@ -309,3 +309,26 @@ def test_lora_merged_unmerged_scale_and_teacher(student_lora_dir, tiny_teacher):
         merged.load_lora(student_lora_dir)
     with pytest.raises(InferenceInputError, match="not a LoRA adapter folder"):
         AnyText2Pipeline.from_pretrained(TINY_YAML, lora_path=student_lora_dir.parent, device="cpu")
+
+
+def test_bench_infer_reports_passes_ratios_and_the_decode_ceiling(capsys):
+    """The JSON the speed target is read from (figures are not asserted: timings belong to benchmarks)."""
+    import json
+
+    from student_model_v2 import bench
+
+    bench.main(["infer", "--repeats", "1", "--warmup", "0", "--num_images", "1", "--lora_rank", "4"])
+    report = json.loads(capsys.readouterr().out)
+    teacher, student = report["teacher"], report["student"]
+    assert (teacher["unet_calls"], teacher["unet_passes"], teacher["writenet_passes"]) == (20, 40, 2)
+    assert (student["unet_calls"], student["unet_passes"], student["writenet_passes"]) == (4, 4, 1)
+    assert report["pass_count_ratio"] == 8.4
+    for model in (teacher, student):
+        stages = model["median_seconds"]
+        assert stages["total"] == pytest.approx(stages["prepare"] + stages["encode"] + stages["sample"]
+                                                + stages["decode"], abs=1e-3)
+    ceiling = ((teacher["median_seconds"]["sample"] + teacher["median_seconds"]["decode"])
+               / (student["median_seconds"]["sample"] + student["median_seconds"]["decode"]))
+    assert report["speedup_if_conditioning_free"] == pytest.approx(ceiling, rel=1e-2)
+    assert report["target_reachable_with_free_conditioning"] == (ceiling / 8.4 >= 0.85)
+    assert report["meets_target"] == (report["speedup_end_to_end"] / 8.4 >= 0.85)
