@@ -26,10 +26,9 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .glyph_render import (COLOR_SENTINEL, GlyphFont, Patch, as_polygon, fill_polygon, font_hint_base,
+from .glyph_render import (COLOR_SENTINEL, REPO_ROOT, GlyphFont, Patch, as_polygon, fill_polygon, font_hint_base,
                            render_gly_line, render_glyphs)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger(__name__)
 
 LANGUAGES = ("Latin", "Chinese", "Chinese_sim", "Chinese_tra", "Japanese", "Korean", "Arabic", "Hindi", "Bangla")
@@ -92,7 +91,7 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     """RGB uint8 for any PIL mode: 16-bit and float greyscale are rescaled rather than clipped,
     transparency is composited on white rather than dropped to its (often black) colour."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float32)  # exact for 16-bit values; F images are float32 already
         peak = float(arr.max()) if arr.size else 0.0
         if img.mode == "F" and peak <= 1.0:
             arr = arr * 255.0
@@ -123,10 +122,17 @@ def load_image(path: Path, resolution: int) -> tuple[np.ndarray, tuple[int, int]
     h0, w0 = rgb.shape[:2]
     if w0 == 0 or h0 == 0:
         raise SampleError("bad_image", f"image has zero size: {path}")
-    if (w0, h0) != (resolution, resolution):
-        interp = cv2.INTER_AREA if w0 * h0 > resolution * resolution else cv2.INTER_LINEAR
-        rgb = cv2.resize(rgb, (resolution, resolution), interpolation=interp)
-    return np.ascontiguousarray(rgb), (w0, h0)
+    return np.ascontiguousarray(squash_to(rgb, resolution)), (w0, h0)
+
+
+def squash_to(rgb: np.ndarray, resolution: int) -> np.ndarray:
+    """(h, w, 3) image resized to resolution x resolution, ignoring the aspect ratio as upstream does;
+    area filtering when it shrinks so small text does not alias."""
+    h0, w0 = rgb.shape[:2]
+    if (w0, h0) == (resolution, resolution):
+        return rgb
+    interp = cv2.INTER_AREA if w0 * h0 > resolution * resolution else cv2.INTER_LINEAR
+    return cv2.resize(rgb, (resolution, resolution), interpolation=interp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,7 +165,8 @@ def truncate_caption(caption: str, max_words: int, rng: np.random.Generator) -> 
 def image_caption(caption: object, wm_score: object, rng: np.random.Generator, *, max_words: int = 128,
                   cap_watermark: bool = True) -> str:
     """``img_caption``: placeholder ``*`` scrubbed (the embedding manager would rewrite it), the
-    watermark tag appended when the record has ``wm_score``, then truncated."""
+    watermark tag appended when the record has ``wm_score``, then truncated. A missing or non-string
+    caption counts as empty (the dataset counts the latter as ``fix.bad_caption``)."""
     text = caption if isinstance(caption, str) else ""
     text = text.replace(PLACEHOLDER, " ")
     if cap_watermark and isinstance(wm_score, (int, float)) and not isinstance(wm_score, bool):

@@ -33,13 +33,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-DEFAULT_DEMO_JSON = Path(__file__).resolve().parent.parent / "demodataset" / "annotations" / "demo_data.json"
-DEFAULT_TINY_YAML = Path(__file__).resolve().parent.parent / "models_yaml" / "anytext2_tiny.yaml"
+from .anytext2.config import MODELS_YAML_DIR
+from .eval_report import write_json
+from .training.args import DEFAULT_DATASET
+
+DEFAULT_TINY_YAML = MODELS_YAML_DIR / "anytext2_tiny.yaml"
+DTYPE_CHOICES = ["fp32", "fp16", "bf16"]
 
 
 def _time_samples(dataset, indices: list[int], repeats: int) -> dict:
@@ -137,14 +142,18 @@ def bench_train(args: argparse.Namespace) -> dict:
             seconds = (time.perf_counter() - started) / args.steps
             params = list(trainer.student.parameters())
             calls = trainer.counter
+
+            def per_step(recorded: list[tuple[str, int]]) -> list[list]:
+                """The first timed step's calls (every step makes the same ones)."""
+                return [[role, rows] for role, rows in recorded[: len(recorded) // args.steps]]
+
             results[version] = {
                 "seconds_per_step": round(seconds, 4),
                 "seconds_per_sample": round(seconds / args.batch_size, 4),
-                "unet_calls_per_step": [[role, rows] for role, rows in calls.unet_calls[: len(calls.unet_calls) // args.steps]],
-                "writenet_calls_per_step": [[role, rows] for role, rows in calls.writenet_calls[: len(calls.writenet_calls) // args.steps]],
-                "vae_calls_per_step": [[role, rows] for role, rows in calls.vae_calls[: len(calls.vae_calls) // args.steps]],
-                "text_encoder_calls_per_step": [[role, rows] for role, rows in
-                                                calls.text_encoder_calls[: len(calls.text_encoder_calls) // args.steps]],
+                "unet_calls_per_step": per_step(calls.unet_calls),
+                "writenet_calls_per_step": per_step(calls.writenet_calls),
+                "vae_calls_per_step": per_step(calls.vae_calls),
+                "text_encoder_calls_per_step": per_step(calls.text_encoder_calls),
                 "frozen_param_gb": round(sum(p.numel() * p.element_size() for p in params if not p.requires_grad) / 2**30, 4),
                 "lora_param_mb": round(sum(p.numel() * p.element_size() for p in params if p.requires_grad) / 2**20, 3),
                 "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
@@ -162,16 +171,15 @@ def bench_teacher(args: argparse.Namespace) -> dict:
     """Seconds of the teacher's operations on one batch: conditioning, WriteNet, one UNet eps call."""
     import torch
 
-    from .anytext2.checkpoint import build_random_teacher, load_teacher
+    from .anytext2.checkpoint import DTYPES, build_random_teacher, load_teacher
     from .dataset_anytext_v2 import MockAnyTextDataset, collate_fn
     from .training.conditioning import encode_batch
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.teacher_ckpt:
-        model = load_teacher(args.config, args.teacher_ckpt, dtype=dtypes[args.dtype], device=device)
+        model = load_teacher(args.config, args.teacher_ckpt, dtype=DTYPES[args.dtype], device=device)
     else:
-        model = build_random_teacher(args.config, dtype=dtypes[args.dtype], device=device)
+        model = build_random_teacher(args.config, dtype=DTYPES[args.dtype], device=device)
     dataset = MockAnyTextDataset(args.batch_size, resolution=args.resolution, seed=0)
     batch = collate_fn([dataset[i] for i in range(args.batch_size)])
     x_t = torch.randn(args.batch_size, 4, args.resolution // 8, args.resolution // 8, device=device)
@@ -196,7 +204,7 @@ def bench_teacher(args: argparse.Namespace) -> dict:
     return {
         "command": "teacher", "config": args.config, "device": str(device), "dtype": args.dtype,
         "batch_size": args.batch_size, "resolution": args.resolution, "random_init_teacher": model.is_random_init,
-        "median_seconds": {k: round(sorted(v)[len(v) // 2], 4) for k, v in timings.items()},
+        "median_seconds": {k: round(statistics.median_high(v), 4) for k, v in timings.items()},
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
     }
@@ -233,7 +241,7 @@ def _time_requests(pipe, request, options, warmup: int, repeats: int, counter: _
     for _ in range(repeats):
         counter.reset()
         runs.append(pipe(request, options).timings)
-    median = {key: round(sorted(r[key] for r in runs)[len(runs) // 2], 4) for key in runs[0]}
+    median = {key: round(statistics.median_high(r[key] for r in runs), 4) for key in runs[0]}
     return {
         "steps": options.resolved_steps(),
         "latency_s": median["total"],
@@ -246,14 +254,12 @@ def _time_requests(pipe, request, options, warmup: int, repeats: int, counter: _
 
 
 def bench_infer(args: argparse.Namespace) -> dict:
-    import torch
-
+    from .anytext2.checkpoint import DTYPES
     from .pipeline_anytext2 import AnyText2Pipeline, SamplingOptions, TextRequest
     from .training.lora import add_lora
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     pipe = AnyText2Pipeline.from_pretrained(args.config, args.teacher_ckpt or None, device=args.device or None,
-                                            dtype=dtypes[args.dtype])
+                                            dtype=DTYPES[args.dtype])
     counter = _PassCounter(pipe.model)
     r = args.resolution
     request = TextRequest(prompt='a shop sign that reads "Hello", "World"', width=r, height=r,
@@ -309,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m student_model_v2.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="per-sample CPU cost of the data pipeline (online vs LMDB)")
-    data.add_argument("--dataset_json", default=str(DEFAULT_DEMO_JSON))
+    data.add_argument("--dataset_json", default=DEFAULT_DATASET)
     data.add_argument("--min_lines", type=int, default=5, help="only time samples with this many lines")
     data.add_argument("--repeats", type=int, default=3, help="timed passes over the selected samples")
     data.add_argument("--resolution", type=int, default=512)
@@ -324,12 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup", type=int, default=1)
     train.add_argument("--lora_rank", type=int, default=64)
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    train.add_argument("--teacher_dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    train.add_argument("--teacher_dtype", choices=DTYPE_CHOICES, default="fp32")
     train.set_defaults(func=bench_train)
     teacher = sub.add_parser("teacher", help="teacher forward cost: conditioning, WriteNet, one UNet call")
     teacher.add_argument("--config", default=str(DEFAULT_TINY_YAML))
     teacher.add_argument("--teacher_ckpt", default="")
-    teacher.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    teacher.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
     teacher.add_argument("--device", default="")
     teacher.add_argument("--batch_size", type=int, default=2)
     teacher.add_argument("--resolution", type=int, default=64)
@@ -341,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--teacher_ckpt", default="")
     infer.add_argument("--lora_path", default="", help="student adapter; default a fresh rank --lora_rank LoRA")
     infer.add_argument("--lora_rank", type=int, default=64)
-    infer.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    infer.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
     infer.add_argument("--device", default="")
     infer.add_argument("--resolution", type=int, default=64)
     infer.add_argument("--num_images", type=int, default=4)
@@ -358,12 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], dict] = args.func
-    text = json.dumps(func(args), indent=1)
-    print(text)
+    result = func(args)
+    print(json.dumps(result, indent=1, ensure_ascii=False))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n", encoding="utf-8")
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

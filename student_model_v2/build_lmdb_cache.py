@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .anytext_record import (RenderOptions, SampleError, find_image, image_roots, load_image, parse_annotations,
                              record_cache_key, render_line)
 from .glyph_render import DEFAULT_FONT_PATH, GlyphFont
-from .json_index import REPO_ROOT, JsonIndex, expand_dataset_paths
+from .json_index import JsonIndex, expand_dataset_paths, repo_path
 from .lmdb_glyph_cache import (META_KEY, build_meta, close_shared_reader, encode_record, meta_mismatches,
                                read_meta)
 
@@ -128,8 +128,7 @@ def build_cache(dataset_json: list[str], output_lmdb: str, *, opts: RenderOption
     font = GlyphFont(font_path)
     paths = expand_dataset_paths(dataset_json)
     indexes = [JsonIndex(p, cache_dir=cache_dir, wm_thresh=wm_thresh) for p in paths]
-    out = Path(output_lmdb).expanduser()
-    out = out if out.is_absolute() else REPO_ROOT / out
+    out = repo_path(output_lmdb)
     env = _prepare_output(out, opts, font, overwrite, int(map_size_gb * (1 << 30)))
     sources = [str(p) for p in paths]
     counts: Counter = Counter()

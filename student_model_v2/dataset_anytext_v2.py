@@ -44,19 +44,19 @@ import os
 from collections import Counter
 from typing import NamedTuple, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
 from .anytext_record import (TEXT_CAPTION_PHRASES, LineAnn, LineRender, RenderOptions, SampleError, fake_line,
                              find_image, image_caption, image_roots, load_image, parse_annotations,
-                             record_cache_key, render_line_text, text_caption)
+                             record_cache_key, render_line_text, squash_to, text_caption)
 from .glyph_render import (COLOR_SENTINEL, DEFAULT_FONT_PATH, GLY_LINE_HEIGHT, GLY_LINE_WIDTH, GlyphFont,
                            HintAugment, Patch, colorize, empty_patch, fill_polygon, font_hint_base, is_small_line,
                            occlude_font_hint, render_position, sample_position_morph)
-from .json_index import DatasetFileError, JsonIndex, expand_dataset_paths, split_indices
+from .json_index import DEFAULT_SPLIT_RATIOS, DatasetFileError, JsonIndex, expand_dataset_paths, split_indices
 from .lmdb_glyph_cache import LineRenderCache
+from .make_demo_dataset import synth_sample
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +75,20 @@ class _RenderedLine(NamedTuple):
 
 
 class SampleBuilder:
-    """Turns (record, decoded image) into a sample; shared by the real and the mock dataset."""
+    """Turns (record, decoded image) into a sample; shared by the real and the mock dataset.
 
-    def __init__(self, *, resolution: int, max_lines: int, max_chars: int, font_path: str | os.PathLike[str],
-                 glyph_scale: float, vert_ang: float, add_space: bool, mask_img_prob: float, mask_pos_prob: float,
-                 font_hint_prob: float, font_hint_area: Sequence[float], font_hint_randaug: bool,
-                 color_prob: float, trunc_cap: int, cap_watermark: bool, caption_phrases: Sequence[str],
-                 lmdb_path: str | os.PathLike[str] | None) -> None:
+    Both datasets pass their sample options straight through, so these keyword defaults are the one
+    place the dataset defaults live (upstream ``train.py`` values, see docs/data.md).
+    """
+
+    def __init__(self, *, resolution: int = 512, max_lines: int = 5, max_chars: int = 20,
+                 font_path: str | os.PathLike[str] = DEFAULT_FONT_PATH, glyph_scale: float = 1.0,
+                 vert_ang: float = 10.0, add_space: bool = True, mask_img_prob: float = 0.5,
+                 mask_pos_prob: float = 1.0, font_hint_prob: float = 0.8,
+                 font_hint_area: Sequence[float] = (0.7, 1.0), font_hint_randaug: bool = True,
+                 color_prob: float = 1.0, trunc_cap: int = 128, cap_watermark: bool = True,
+                 caption_phrases: Sequence[str] = TEXT_CAPTION_PHRASES,
+                 lmdb_path: str | os.PathLike[str] | None = None) -> None:
         if resolution <= 0 or resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
         if max_lines < 1 or max_chars < 1:
@@ -140,7 +147,10 @@ class SampleBuilder:
         ``image_size``; upstream T3 order of operations, all random draws from ``rng``."""
         R, L = self.resolution, self.max_lines
         edit_mode = bool(rng.random() < self.mask_img_prob)
-        caption = image_caption(record.get("caption"), record.get("wm_score"), rng, max_words=self.trunc_cap,
+        raw_caption = record.get("caption")
+        if raw_caption is not None and not isinstance(raw_caption, str):
+            issues["fix.bad_caption"] += 1
+        caption = image_caption(raw_caption, record.get("wm_score"), rng, max_words=self.trunc_cap,
                                 cap_watermark=self.cap_watermark)
         parsed = parse_annotations(record.get("annotations"), image_size=image_size, resolution=R,
                                    max_chars=self.render_opts.max_chars, font=self.font, where=where)
@@ -265,7 +275,8 @@ class AnyTextDataset(_BaseDataset):
     """Samples from one or more AnyText2 / AnyWord-3M annotation files (``.json`` or ``.jsonl``).
 
     ``dataset_json`` takes paths, comma lists and ``.list``/``.txt`` files (see
-    :func:`json_index.expand_dataset_paths`). Items with ``wm_score > wm_thresh`` are dropped. With
+    :func:`json_index.expand_dataset_paths`). Items with ``wm_score > wm_thresh`` are dropped.
+    ``sample_options`` are :class:`SampleBuilder`'s keywords (resolution, max_lines, ..., lmdb_path). With
     ``lmdb_path`` the glyph renders come from a cache built by ``build_lmdb_cache`` (validated against
     these options); the font hint still comes out of the cache only with ``font_hint_randaug=False``.
 
@@ -274,27 +285,14 @@ class AnyTextDataset(_BaseDataset):
     """
 
     def __init__(self, dataset_json: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
-                 resolution: int = 512, max_lines: int = 5, max_chars: int = 20,
-                 font_path: str | os.PathLike[str] = DEFAULT_FONT_PATH, glyph_scale: float = 1.0,
-                 vert_ang: float = 10.0, add_space: bool = True, mask_img_prob: float = 0.5,
-                 mask_pos_prob: float = 1.0, font_hint_prob: float = 0.8,
-                 font_hint_area: Sequence[float] = (0.7, 1.0), font_hint_randaug: bool = True,
-                 color_prob: float = 1.0, wm_thresh: float = 1.0, trunc_cap: int = 128,
-                 cap_watermark: bool = True, caption_phrases: Sequence[str] = TEXT_CAPTION_PHRASES,
-                 lmdb_path: str | os.PathLike[str] | None = None,
-                 cache_dir: str | os.PathLike[str] | None = None, seed: int | None = None,
-                 validate: bool = True, max_retries: int = 16) -> None:
+                 wm_thresh: float = 1.0, cache_dir: str | os.PathLike[str] | None = None, seed: int | None = None,
+                 validate: bool = True, max_retries: int = 16, **sample_options) -> None:
         super().__init__(seed)
         specs = [dataset_json] if isinstance(dataset_json, (str, os.PathLike)) else list(dataset_json)
         self.json_paths = expand_dataset_paths(specs)
         if not self.json_paths:
             raise DatasetFileError(f"no dataset files in {specs!r}")
-        self.builder = SampleBuilder(
-            resolution=resolution, max_lines=max_lines, max_chars=max_chars, font_path=font_path,
-            glyph_scale=glyph_scale, vert_ang=vert_ang, add_space=add_space, mask_img_prob=mask_img_prob,
-            mask_pos_prob=mask_pos_prob, font_hint_prob=font_hint_prob, font_hint_area=font_hint_area,
-            font_hint_randaug=font_hint_randaug, color_prob=color_prob, trunc_cap=trunc_cap,
-            cap_watermark=cap_watermark, caption_phrases=caption_phrases, lmdb_path=lmdb_path)
+        self.builder = SampleBuilder(**sample_options)
         self.indexes = [JsonIndex(p, cache_dir=cache_dir, wm_thresh=wm_thresh) for p in self.json_paths]
         self._roots = [image_roots(ix.data_root, ix.path) for ix in self.indexes]
         self._starts = np.cumsum([0] + [len(ix) for ix in self.indexes])
@@ -370,25 +368,15 @@ class MockAnyTextDataset(_BaseDataset):
     """``--use_mock_dataset``: synthetic images with real rendered text (the demo generator, in
     memory) run through the same sample builder, so the contract is identical and no files are read
     besides the font. Samples are drawn in a 512 frame and scaled to ``resolution`` like real images,
-    so any resolution works."""
+    so any resolution works. ``sample_options`` are :class:`SampleBuilder`'s keywords except ``lmdb_path``."""
 
-    def __init__(self, size: int = 1000, *, resolution: int = 512, max_lines: int = 5, max_chars: int = 20,
-                 font_path: str | os.PathLike[str] = DEFAULT_FONT_PATH, seed: int | None = 0,
-                 data_seed: int = 0, **options) -> None:
+    def __init__(self, size: int = 1000, *, seed: int | None = 0, data_seed: int = 0, **sample_options) -> None:
         super().__init__(seed)
-        from .make_demo_dataset import synth_sample
-        self._synth = synth_sample
+        if "lmdb_path" in sample_options:
+            raise TypeError("MockAnyTextDataset renders every sample online; it takes no lmdb_path")
         self.size = size
         self.data_seed = data_seed
-        defaults = dict(glyph_scale=1.0, vert_ang=10.0, add_space=True, mask_img_prob=0.5, mask_pos_prob=1.0,
-                        font_hint_prob=0.8, font_hint_area=(0.7, 1.0), font_hint_randaug=True, color_prob=1.0,
-                        trunc_cap=128, cap_watermark=True, caption_phrases=TEXT_CAPTION_PHRASES)
-        unknown = set(options) - set(defaults)
-        if unknown:
-            raise TypeError(f"unknown MockAnyTextDataset options: {sorted(unknown)}")
-        defaults.update(options)
-        self.builder = SampleBuilder(resolution=resolution, max_lines=max_lines, max_chars=max_chars,
-                                     font_path=font_path, lmdb_path=None, **defaults)
+        self.builder = SampleBuilder(**sample_options)
 
     def __len__(self) -> int:
         return self.size
@@ -396,10 +384,8 @@ class MockAnyTextDataset(_BaseDataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range ({self.size} mock samples)")
-        R = self.builder.resolution
-        image, record = self._synth(self.data_seed, index, MOCK_FRAME, self.builder.font)
-        if R != MOCK_FRAME:
-            image = cv2.resize(image, (R, R), interpolation=cv2.INTER_AREA if R < MOCK_FRAME else cv2.INTER_LINEAR)
+        image, record = synth_sample(self.data_seed, index, MOCK_FRAME, self.builder.font)
+        image = squash_to(image, self.builder.resolution)
         issues: Counter = Counter()
         sample = self.builder.build(record, image, (MOCK_FRAME, MOCK_FRAME), self._rng(index), issues, f"mock:{index}")
         sample["sample_id"] = f"mock:{index}"
@@ -435,7 +421,7 @@ def collate_fn(samples: Sequence[dict]) -> dict:
     return batch
 
 
-def make_splits(dataset: Dataset, ratios: Sequence[float] = (0.9, 0.05, 0.05), seed: int = 42) -> dict[str, Subset]:
+def make_splits(dataset: Dataset, ratios: Sequence[float] = DEFAULT_SPLIT_RATIOS, seed: int = 42) -> dict[str, Subset]:
     """Deterministic train/val/test subsets at image level (see :func:`json_index.split_indices`)."""
     parts = split_indices(len(dataset), ratios, seed)
     return {name: Subset(dataset, idx.tolist()) for name, idx in parts.items()}

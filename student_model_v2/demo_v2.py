@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -42,12 +41,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
+from .anytext2.checkpoint import DTYPES  # noqa: E402
 from .glyph_render import DEFAULT_FONT_PATH  # noqa: E402
-from .inference_inputs import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, SORT_PRIORITIES, InferenceInputError,  # noqa: E402
-                               as_rgb_image, parse_color, parse_positions_argument, resize_mask)
+from .inference_inputs import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, SORT_PRIORITIES, UNSPECIFIED_COLOR,  # noqa: E402
+                               InferenceInputError, as_rgb_image, parse_color, parse_positions_argument, resize_mask)
 from .model_swaps import LORA_EXAMPLE, format_lora_list, parse_lora_list  # noqa: E402
 from .pipeline_anytext2 import (HOLLOW_NOISE_PATH, MAX_SEED, STUDENT_STEPS, TEACHER_STEPS,  # noqa: E402
-                                AnyText2Pipeline, InferenceResult, LineStyle, SamplingOptions, TextRequest)
+                                AnyText2Pipeline, InferenceResult, LineStyle, SamplingOptions, TextRequest,
+                                default_device)
 
 # Gradio reads this whenever it would send telemetry or check its version: never, in this demo.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -68,7 +69,6 @@ DEFAULT_CFG = 7.5
 SAMPLER_CHOICES = [("Student: LCM-LoRA, 4-8 steps, no CFG", "student"), ("Teacher: DDIM with CFG", "teacher")]
 DARK_STROKE = 120  # a layer without transparency is read as a black-on-white drawing: darker than this is drawn
 UNSPECIFIED_PICKS = ((0, 0, 0), (255, 255, 255))  # picker colours that leave the colour to the model (as upstream)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 LCM_NOTE = (f"**Student (LCM) mode:** CFG is off (guidance was distilled into the LoRA), steps are limited to "
             f"{LCM_MIN_STEPS}-{LCM_MAX_STEPS}, eta and the negative prompt are not used.")
@@ -122,7 +122,7 @@ def positions_from_json(text: str | None) -> list[np.ndarray] | None:
 def picked_color(value: Any, line: int) -> tuple[int, int, int] | None:
     """A colour picker's value; pure black or white (the picker's untouched states) mean "unspecified"."""
     rgb = parse_color(value, line)
-    return None if rgb in UNSPECIFIED_PICKS or rgb[0] >= 500 else rgb
+    return None if rgb in UNSPECIFIED_PICKS or rgb == UNSPECIFIED_COLOR else rgb
 
 
 def line_styles(fonts: list[str | None], colors: list[Any], mimics: list[dict | None],
@@ -308,14 +308,9 @@ class DemoBackend:
             options, option_notes = sampling_options(sampler, steps, cfg_scale, eta, strength, attnx_scale,
                                                      img_count, seed)
             swap_notes = self.pipeline.set_model_swaps(base_model_path or None, parse_lora_list(lora_path_ratio))
-            start = time.perf_counter()
-            conditioning = self.pipeline.prepare(request)
-            prepared = time.perf_counter() - start
-            result = self.pipeline.generate(conditioning, options)
+            result = self.pipeline(request, options)
         except InferenceInputError as exc:
             raise gr.Error(str(exc), title="Invalid input", print_exception=False) from exc
-        result.timings["prepare"] = prepared
-        result.timings["total"] += prepared
         result.warnings = notes + option_notes + result.warnings
         for note in swap_notes:
             gr.Info(note)
@@ -628,7 +623,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def load_pipeline(args: argparse.Namespace) -> AnyText2Pipeline:
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device) if args.device else default_device()
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
     config = args.config or (FULL_CONFIG if args.model_path else TINY_CONFIG)
     return AnyText2Pipeline.from_pretrained(

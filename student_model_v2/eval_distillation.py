@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .anytext2.checkpoint import build_random_teacher, load_teacher
+from .anytext2.model import AnyText2Model
+from .dataset_anytext_v2 import AnyTextDataset, collate_fn, make_splits
+from .eval_report import write_json
 from .samplers import sample_student_lcm, sample_teacher_ddim
 from .training.conditioning import encode_batch
 from .training.lora import adapters_disabled, load_lora
-from .dataset_anytext_v2 import AnyTextDataset, collate_fn, make_splits
 
 
-def latent_gaps(model, peft_model, batches, seeds, args) -> dict[str, float]:
+def latent_gaps(model: AnyText2Model, peft_model: nn.Module, batches: Sequence[dict], seeds: Sequence[int],
+                args: argparse.Namespace) -> dict[str, float]:
     """Mean latent MSE to the teacher reference, per sampler, over batches x seeds."""
     totals = {"student_lcm": 0.0, "untrained_student_lcm": 0.0, "teacher_ddim_few": 0.0}
     count = 0
@@ -90,16 +95,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     run = training_args(args.adapter)
     args.num_inference_steps, args.negative_prompt = run.num_inference_steps, run.negative_prompt
-    model = load_teacher(run.config, run.teacher_ckpt) if run.teacher_ckpt else build_random_teacher(run.config)
+    if run.teacher_ckpt:
+        model = load_teacher(run.config, run.teacher_ckpt, trust_pickle=run.trust_checkpoint)
+    else:
+        model = build_random_teacher(run.config)
     peft_model = load_lora(model, args.adapter)
     peft_model.eval()
     gaps = latent_gaps(model, peft_model, held_out_batches(run, args.batch_size, args.data_seed), args.seeds, args)
     report = {"latent_mse_to_teacher_%dstep_cfg" % args.teacher_steps: gaps, "adapter": str(args.adapter),
               "random_init_teacher": model.is_random_init, "distillation_helps": gaps["student_lcm"] < min(
                   gaps["untrained_student_lcm"], gaps["teacher_ddim_few"])}
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=1, ensure_ascii=False))
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(report, indent=2))
+        write_json(report, args.output_json)
     return gaps
 
 

@@ -28,14 +28,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .anytext2.checkpoint import DTYPES
 from .anytext_record import TEXT_CAPTION_PHRASES, text_caption
 from .eval_prompts import EvalPrompt
+from .eval_report import write_json
 from .inference_inputs import InferenceInputError, append_prompt
 
 if TYPE_CHECKING:  # the pipeline (diffusers, samplers) is imported only when something is generated
     from .pipeline_anytext2 import AnyText2Pipeline, TextRequest
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EVAL_TEXT_PHRASE = TEXT_CAPTION_PHRASES[0]
 """AnyText2's evaluation draws one of its six text-caption phrases at random; a fixed one keeps runs repeatable."""
 JPEG_QUALITY = 95
@@ -160,8 +161,7 @@ def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         raise SystemExit(f"error: {folder} holds images made with other settings ({', '.join(changed)}); "
                          "use another --output_dir or pass --overwrite to regenerate them")
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_json(settings, path)
 
 
 def generation_settings(spec: ModelSpec, options: GenerationOptions, args: argparse.Namespace) -> dict:
@@ -199,7 +199,7 @@ def run_model(spec: ModelSpec, prompts: Sequence[EvalPrompt], pool: ModelPool, o
                    "num_images": options.num_images, "device": str(pipe.device),
                    "seconds": {k: round(v, 5) for k, v in seconds.items()},
                    "seconds_per_image": round(seconds["total"] / options.num_images, 5)}
-        (folder / f"{prompt.key}.json").write_text(json.dumps(sidecar, indent=1, ensure_ascii=False), encoding="utf-8")
+        write_json(sidecar, folder / f"{prompt.key}.json")
     return len(todo)
 
 

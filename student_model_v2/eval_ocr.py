@@ -33,20 +33,20 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .anytext2.config import MODELS_YAML_DIR
 from .anytext_record import load_image
 from .eval_generate import (DTYPES, EVAL_TEXT_PHRASE, GenerationOptions, ModelPool, ModelSpec, check_settings,
                             generation_settings, read_generated, run_model, timing_summary)
 from .eval_prompts import EvalPrompt, load_prompts
-from .eval_report import GridCell, GridRow, write_chart, write_grids, write_report
+from .eval_report import GridCell, GridRow, write_chart, write_grids, write_json, write_report
 from .glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
 from .inference_inputs import DEFAULT_N_PROMPT, InferenceInputError
 from .json_index import DatasetFileError
 from .line_ocr import LineReader
 from .ocr_metrics import LineScore, Normalization, load_dictionary, score_line, summarize
+from .training.args import DEFAULT_DATASET
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BENCHMARK_JSON = REPO_ROOT / "demodataset" / "annotations" / "demo_data.json"
-DEFAULT_CONFIG = REPO_ROOT / "models_yaml" / "anytext2_sd15.yaml"
+DEFAULT_CONFIG = MODELS_YAML_DIR / "anytext2_sd15.yaml"
 DEFAULT_CKPT = "models/anytext_v2.0.ckpt"
 EVAL_A_PROMPT = "best quality, extremely detailed"
 """AnyText2's evaluation suffix (``caption + ', best quality, extremely detailed'``), not the demo's longer one."""
@@ -78,11 +78,15 @@ def read_dataset(resolution: int) -> Callable[[EvalPrompt], list[np.ndarray]]:
 
 def score_model(name: str, prompts: Sequence[EvalPrompt], load: Callable[[EvalPrompt], list[np.ndarray]],
                 reader: LineReader, dictionary_choice: str, benchmark_json: Path, normalization: Normalization,
-                progress: bool) -> tuple[list[dict], list[LineScore]]:
-    """Every line of every image read and scored; rows for ``lines_<model>.jsonl``."""
-    rows, scores = [], []
-    for prompt in tqdm(prompts, desc=f"ocr {name}", disable=not progress):
-        for k, image in enumerate(load(prompt)):
+                progress: bool, num_grids: int = 0) -> tuple[list[dict], list[LineScore], list[np.ndarray]]:
+    """Every line of every image read and scored: rows for ``lines_<model>.jsonl``, the scores, and the
+    first image of the first ``num_grids`` prompts (for the grids, so no image is read twice)."""
+    rows, scores, firsts = [], [], []
+    for index, prompt in enumerate(tqdm(prompts, desc=f"ocr {name}", disable=not progress)):
+        images = load(prompt)
+        if index < num_grids:
+            firsts.append(images[0])
+        for k, image in enumerate(images):
             reads = reader.read_lines(image, [line.polygon for line in prompt.lines])
             for j, (line, (pred, confidence)) in enumerate(zip(prompt.lines, reads)):
                 dictionary = load_dictionary(dictionary_name(dictionary_choice, benchmark_json, line.language))
@@ -91,7 +95,7 @@ def score_model(name: str, prompts: Sequence[EvalPrompt], load: Callable[[EvalPr
                 scores.append(score)
                 rows.append({"prompt": prompt.key, "img_name": prompt.img_name, "image": k, "line": j,
                              "confidence": round(confidence, 4), "ocr_cannot_output": unreadable, **score.to_json()})
-    return rows, scores
+    return rows, scores, firsts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--font_path", default=str(DEFAULT_FONT_PATH), help="glyph font (glyphs and font hints)")
 
     data = parser.add_argument_group("benchmark")
-    data.add_argument("--benchmark_json", default=str(DEFAULT_BENCHMARK_JSON),
+    data.add_argument("--benchmark_json", default=DEFAULT_DATASET,
                       help="AnyText-benchmark / AnyWord-format JSON (or .jsonl with its .meta.json)")
     data.add_argument("--images_from_dataset", action="store_true",
                       help="score the dataset's own images instead of generated ones (validates crop + OCR + metric)")
@@ -236,9 +240,11 @@ def evaluate(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
     reader = LineReader(args.ocr_threads)
     results: dict[str, dict] = {}
     rows_by_set: dict[str, list[dict]] = {}
+    grid_images: dict[str, list[np.ndarray]] = {}
     for image_set in sets:
-        rows, scores = score_model(image_set.name, prompts, image_set.load, reader, args.dictionary, benchmark_json,
-                                   normalization, progress)
+        rows, scores, grid_images[image_set.name] = score_model(
+            image_set.name, prompts, image_set.load, reader, args.dictionary, benchmark_json, normalization, progress,
+            args.num_grids)
         with open(output_dir / f"lines_{image_set.name}.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         rows_by_set[image_set.name] = rows
@@ -274,21 +280,23 @@ def evaluate(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
         "speedup": round(teacher_s / student_s, 3) if teacher_s and student_s else None,
         "issues": dict(sorted(issues.items())),
     }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_json(metrics, output_dir / "metrics.json")
     write_chart(metrics, output_dir / "metrics.png", font)
-    rows = [grid_row(prompt, sets, rows_by_set) for prompt in prompts[: args.num_grids]]
+    rows = [grid_row(index, prompt, sets, rows_by_set, grid_images)
+            for index, prompt in enumerate(prompts[: args.num_grids])]
     grids = write_grids(rows, [s.label for s in sets], output_dir / "grids", font)
     write_report(metrics, output_dir / "report.md", "metrics.png", [g.relative_to(output_dir) for g in grids])
     return metrics
 
 
-def grid_row(prompt: EvalPrompt, sets: Sequence[ImageSet], rows_by_set: dict[str, list[dict]]) -> GridRow:
-    """The prompt and, per image set, its first image with what the OCR read on it."""
+def grid_row(index: int, prompt: EvalPrompt, sets: Sequence[ImageSet], rows_by_set: dict[str, list[dict]],
+             grid_images: dict[str, list[np.ndarray]]) -> GridRow:
+    """Prompt ``index`` and, per image set, its first image with what the OCR read on it."""
     cells = []
     for image_set in sets:
         reads = [(r["pred"], r["gt"], r["sen_acc"] == 1.0) for r in rows_by_set[image_set.name]
                  if r["prompt"] == prompt.key and r["image"] == 0]
-        cells.append(GridCell(image_set.load(prompt)[0], reads))
+        cells.append(GridCell(grid_images[image_set.name][index], reads))
     return GridRow(prompt.caption, [(line.text, line.polygon) for line in prompt.lines], cells)
 
 

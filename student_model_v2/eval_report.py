@@ -1,4 +1,4 @@
-"""What ``eval_ocr`` leaves for people: ``report.md``, a bar chart and sample grids, drawn with PIL only.
+"""What the evaluations leave behind: ``report.md``, a bar chart and sample grids (PIL only), and JSON files.
 
 The chart has one panel of Sen.ACC / NED bars per language group (overall first), one bar per model,
 and, for generated images, a panel of seconds per image with the speed-up. A grid row is the prompt
@@ -8,6 +8,7 @@ image with what the OCR read on every line underneath (green: exact match, red: 
 
 from __future__ import annotations
 
+import json
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,15 @@ class GridRow:
     caption: str
     lines: list[tuple[str, np.ndarray]]
     cells: list[GridCell]
+
+
+def write_json(data: dict, path: str | Path) -> Path:
+    """``data`` as UTF-8 JSON, parent folders created: one format for every file the eval and bench
+    commands write (metrics, sidecars, settings, ``--json`` / ``--output_json`` results)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .anytext2.checkpoint import DTYPES
 from .glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
 from .inference_inputs import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, SORT_PRIORITIES, InferenceInputError,
-                               load_image_file, parse_positions_argument)
+                               load_image_file, load_mask_file, parse_positions_argument)
 from .model_swaps import normalise_swaps
 from .pipeline_anytext2 import (AnyText2Pipeline, Conditioning, InferenceResult, LineStyle, SamplingOptions,
                                 TextRequest, build_conditioning, conditioning_from_sample, resolve_seed)
@@ -41,7 +42,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "models_yaml" / "anytext2_sd15.yaml"
 DEFAULT_CKPT = "models/anytext_v2.0.ckpt"
 DEFAULT_DATASET_JSON = REPO_ROOT / "demodataset" / "annotations" / "demo_data.json"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,8 +158,7 @@ def line_styles(args: argparse.Namespace) -> list[LineStyle]:
 def text_request(args: argparse.Namespace) -> TextRequest:
     positions = None
     if args.edit_mask:
-        positions = load_image_file(args.edit_mask, "edit mask")
-        positions = 255 - positions if args.invert_positions else positions
+        positions = load_mask_file(args.edit_mask, "edit mask", args.invert_positions)
     elif args.positions:
         positions = parse_positions_argument(args.positions, args.invert_positions)
     size = args.resolution

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageColor, UnidentifiedImageError
 
-from .glyph_render import COLOR_SENTINEL, as_polygon
+from .glyph_render import COLOR_SENTINEL, as_polygon, fill_polygon
 
 PLACEHOLDER = "*"
 MAX_CHARS = 20
@@ -186,13 +186,9 @@ def check_polygons_inside(polygons: Sequence[np.ndarray], width: int, height: in
 
 
 def positions_from_polygons(polygons: Sequence[np.ndarray], width: int, height: int) -> list[Position]:
+    """Each polygon with its line mask, filled by the training pipeline's :func:`fill_polygon`."""
     check_polygons_inside(polygons, width, height)
-    out = []
-    for poly in polygons:
-        mask = np.zeros((height, width), np.uint8)
-        cv2.fillPoly(mask, [np.round(poly).astype(np.int32).reshape(-1, 1, 2)], 1)
-        out.append(Position(poly, mask))
-    return out
+    return [Position(poly, fill_polygon(poly, height, width).to_canvas(height, width)) for poly in polygons]
 
 
 def binarize_mask(mask: np.ndarray, threshold: int = MASK_THRESHOLD) -> np.ndarray:
@@ -307,17 +303,22 @@ def check_image_size(width: int, height: int) -> None:
             raise InferenceInputError(f"image {name} must be a positive multiple of {SIZE_MULTIPLE}, got {value!r}")
 
 
+def load_mask_file(path: str | Path, what: str, invert: bool = False) -> np.ndarray:
+    """A mask image file with white text areas; ``invert`` for black-on-white drawings such as AnyText2's
+    example files."""
+    mask = load_image_file(path, what)
+    return 255 - mask if invert else mask
+
+
 def parse_positions_argument(value: str, invert: bool = False) -> list[np.ndarray] | np.ndarray:
     """``--positions``: a JSON file or JSON text of polygons/boxes, or a mask image file.
 
-    Returns polygons, or the mask image (white = text; ``invert`` for black-on-white drawings such as
-    AnyText2's example files).
+    Returns polygons, or the mask image (see :func:`load_mask_file`).
     """
     path = Path(value)
     looks_like_json = value.lstrip().startswith("[")
     if not looks_like_json and path.suffix.lower() != ".json":
-        mask = load_image_file(path, "position mask")
-        return 255 - mask if invert else mask
+        return load_mask_file(path, "position mask", invert)
     try:
         text = value if looks_like_json else path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -33,6 +33,12 @@ class DatasetFileError(ValueError):
     """An annotation file that cannot be used as a dataset (names the file)."""
 
 
+def repo_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` with ``~`` expanded; a relative path is taken relative to the repo root, not the CWD."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
 def default_cache_dir() -> Path:
     """Where indexes go unless told otherwise: ``$ANYTEXT2_CACHE_DIR`` or ``~/.cache/anytext2_student``."""
     root = os.environ.get("ANYTEXT2_CACHE_DIR")
@@ -68,21 +74,39 @@ class _StreamReader:
                 return ""
         return self.buf[self.pos]
 
+    def _step(self) -> None:
+        """Move past one ASCII character (whitespace or JSON punctuation: one byte)."""
+        self.pos += 1
+        self.byte += 1
+
     def skip_ws(self) -> None:
         while True:
             ch = self.peek()
             if not ch or ch not in _WS:
                 return
-            self.pos += 1
-            self.byte += 1
+            self._step()
 
-    def expect(self, char: str, where: str) -> None:
+    def take(self, allowed: str, where: str) -> str:
+        """Consume the next non-blank character, which must be one of ``allowed``; returns it."""
         self.skip_ws()
         got = self.peek()
-        if got != char:
-            raise ValueError(f"expected {char!r} {where} at byte {self.byte}, found {got!r}")
-        self.pos += 1
-        self.byte += 1
+        if not got or got not in allowed:
+            wanted = " or ".join(repr(c) for c in allowed)
+            raise ValueError(f"expected {wanted} {where} at byte {self.byte}, found {got!r}")
+        self._step()
+        return got
+
+    def accept(self, char: str) -> bool:
+        """Consume ``char`` if it is the next non-blank character."""
+        self.skip_ws()
+        if self.peek() != char:
+            return False
+        self._step()
+        return True
+
+    def more_items(self, close: str, where: str) -> bool:
+        """After a member or element: True on ``,`` (another follows), False on ``close``."""
+        return self.take("," + close, where) == ","
 
     def value(self, decoder: json.JSONDecoder) -> tuple[object, int, int]:
         """Decode the JSON value at the cursor; returns (value, start byte, length in bytes)."""
@@ -119,28 +143,20 @@ def scan_json(path: Path) -> tuple[dict, Iterator[tuple[dict, int, int]]]:
         with open(path, "rb") as fh:
             reader = _StreamReader(fh)
             try:
-                reader.expect("{", "at the start of the file")
+                reader.take("{", "at the start of the file")
                 seen_list = False
-                reader.skip_ws()
-                if reader.peek() == "}":
-                    reader.pos += 1
-                else:
-                    while True:
-                        key, _, _ = reader.value(decoder)
-                        reader.expect(":", f"after key {key!r}")
-                        if key == "data_list":
-                            seen_list = True
-                            yield from _scan_list(reader, decoder)
-                        else:
-                            header[key], _, _ = reader.value(decoder)
-                        reader.skip_ws()
-                        sep = reader.peek()
-                        reader.pos += 1
-                        reader.byte += 1
-                        if sep == "}":
-                            break
-                        if sep != ",":
-                            raise ValueError(f"expected ',' or '}}' at byte {reader.byte - 1}, found {sep!r}")
+                more = not reader.accept("}")
+                while more:
+                    key, start, _ = reader.value(decoder)
+                    if not isinstance(key, str):
+                        raise ValueError(f"expected a string key at byte {start}, found {key!r}")
+                    reader.take(":", f"after key {key!r}")
+                    if key == "data_list":
+                        seen_list = True
+                        yield from _scan_list(reader, decoder)
+                    else:
+                        header[key], _, _ = reader.value(decoder)
+                    more = reader.more_items("}", "after a top-level value")
             except (ValueError, UnicodeDecodeError) as exc:
                 raise DatasetFileError(f"{path}: not a valid AnyText2 JSON file: {exc}") from exc
         if not seen_list:
@@ -150,23 +166,11 @@ def scan_json(path: Path) -> tuple[dict, Iterator[tuple[dict, int, int]]]:
 
 
 def _scan_list(reader: _StreamReader, decoder: json.JSONDecoder) -> Iterator[tuple[dict, int, int]]:
-    reader.expect("[", "to open data_list")
-    reader.skip_ws()
-    if reader.peek() == "]":
-        reader.pos += 1
-        reader.byte += 1
-        return
-    while True:
-        record, offset, length = reader.value(decoder)
-        yield record, offset, length
-        reader.skip_ws()
-        sep = reader.peek()
-        reader.pos += 1
-        reader.byte += 1
-        if sep == "]":
-            return
-        if sep != ",":
-            raise ValueError(f"expected ',' or ']' in data_list at byte {reader.byte - 1}, found {sep!r}")
+    reader.take("[", "to open data_list")
+    more = not reader.accept("]")
+    while more:
+        yield reader.value(decoder)
+        more = reader.more_items("]", "in data_list")
 
 
 def _scan_jsonl(path: Path) -> Iterator[tuple[dict, int, int]]:
@@ -217,9 +221,7 @@ class JsonIndex:
         if not self.path.is_file():
             raise FileNotFoundError(f"dataset file not found: {self.path}")
         self.wm_thresh = float(wm_thresh)
-        cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        if not cache.is_absolute():
-            cache = REPO_ROOT / cache
+        cache = repo_path(cache_dir) if cache_dir else default_cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha1(str(self.path).encode("utf-8")).hexdigest()[:12]
         self._index_file = cache / f"{self.path.name}.{digest}.idx.npy"
@@ -251,21 +253,12 @@ class JsonIndex:
             items = _scan_jsonl(self.path)
         else:
             header, items = scan_json(self.path)
-        offsets: list[np.ndarray] = []
-        block = np.empty(65536, INDEX_DTYPE)
-        n = 0
-        for record, offset, length in items:
-            block[n % len(block)] = (offset, length, _wm_score(record))
-            n += 1
-            if n % len(block) == 0:
-                offsets.append(block.copy())
-        offsets.append(block[: n % len(block)].copy())
-        table = np.concatenate(offsets) if offsets else np.empty(0, INDEX_DTYPE)
+        table = np.fromiter(((offset, length, _wm_score(record)) for record, offset, length in items), INDEX_DTYPE)
         data_root = header.get("data_root", "")
         if not isinstance(data_root, str):
             raise DatasetFileError(f"{self.path}: 'data_root' must be a string, got {type(data_root).__name__}")
         _atomic_write(self._index_file, lambda fh: np.save(fh, table, allow_pickle=False))
-        meta = dict(stamp, data_root=data_root, count=int(n), index_bytes=self._index_file.stat().st_size)
+        meta = dict(stamp, data_root=data_root, count=len(table), index_bytes=self._index_file.stat().st_size)
         _atomic_write(self._meta_file, lambda fh: fh.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
         return meta
 
@@ -277,7 +270,9 @@ class JsonIndex:
             header = json.loads(sidecar.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise DatasetFileError(f"{sidecar}: invalid JSON: {exc}") from exc
-        return header if isinstance(header, dict) else {}
+        if not isinstance(header, dict):
+            raise DatasetFileError(f"{sidecar}: expected an object with 'data_root', got {type(header).__name__}")
+        return header
 
     def _open_arrays(self) -> None:
         self._pid = os.getpid()
@@ -351,16 +346,6 @@ def expand_dataset_paths(specs: Sequence[str | os.PathLike[str]], base: Path = R
     for spec in specs:
         add(str(spec), base, 0)
     return out
-
-
-def write_path_list(paths: Sequence[Path], list_path: str | os.PathLike[str]) -> Path:
-    """Write the expanded dataset paths, one per line (``--auto_list_path``); returns the file."""
-    target = Path(list_path).expanduser()
-    if not target.is_absolute():
-        target = REPO_ROOT / target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(target, lambda fh: fh.write("".join(f"{p}\n" for p in paths).encode("utf-8")))
-    return target
 
 
 DEFAULT_SPLIT_RATIOS = (0.9, 0.05, 0.05)

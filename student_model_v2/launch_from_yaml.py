@@ -8,8 +8,9 @@ overrides after a ``--`` to pass a flag the launcher itself owns, e.g. ``-- --co
 YAML rules:
 
 * Sections ``model``, ``data`` and ``train`` are merged into one flat set of flags in that order (a key
-  in a later section wins); other top-level keys are added only when no section set them; ``system`` is
-  ignored (notes for humans, e.g. the GPU count to launch with).
+  in a later section wins); other top-level keys are added too, and one that a section sets to another
+  value is an error (the original silently kept the section's); ``system`` is ignored (notes for
+  humans, e.g. the GPU count to launch with).
 * ``train_script`` (a dotted module or a path such as ``student_model_v2/train_lcm_anytext_v2_3.py``)
   picks the script; without it ``use_optimized: true`` picks v2_2 and anything else v2. Both keys are
   consumed here and never forwarded.
@@ -92,7 +93,11 @@ def load_template(path: Path) -> dict[str, Any]:
 
 
 def merge_sections(data: dict[str, Any], source: str) -> dict[str, Entry]:
-    """Flatten ``model`` < ``data`` < ``train`` (later wins), then other top-level keys if still absent."""
+    """Flatten ``model`` < ``data`` < ``train`` (later wins), then the other top-level keys.
+
+    A top-level key that a section also sets must agree with it: one of the two values would
+    otherwise be dropped without a word.
+    """
     merged: dict[str, Entry] = {}
     for section in SECTIONS:
         content = data.get(section)
@@ -105,7 +110,11 @@ def merge_sections(data: dict[str, Any], source: str) -> dict[str, Entry]:
     for key, value in data.items():
         if key in SECTIONS or key in IGNORED_SECTIONS:
             continue
-        merged.setdefault(str(key), Entry(value, f"top level of {source}"))
+        key = str(key)
+        if key in merged and merged[key].value != value:
+            raise LaunchError(f"key '{key}' is {value!r} at the top level of {source} but {merged[key].value!r} in the "
+                              f"{merged[key].origin}: set it once")
+        merged.setdefault(key, Entry(value, f"top level of {source}"))
     return merged
 
 

@@ -50,16 +50,19 @@ def load_recognizer(threads: int = 1):
 def crop_line(image: np.ndarray, polygon: np.ndarray) -> np.ndarray:
     """The line inside ``polygon`` (pixels of ``image``), upright, as (h, w, 3) uint8 in ``image``'s channels.
 
-    ``image`` is (H, W, 3) uint8. An empty crop (a polygon thinner than a pixel) comes back with a
-    zero dimension.
+    ``image`` is (H, W, 3) uint8. An empty crop (a polygon thinner than a pixel, or one that covers no
+    pixel of the image) comes back with a zero dimension, so it reads as nothing; ``crop_image`` would
+    instead cut its fallback box out of the image's corner and score whatever is drawn there.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"crop_line needs an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
     height, width = image.shape[:2]
     mask = fill_polygon(polygon, height, width).to_canvas(height, width) * np.uint8(255)
+    if not mask.any():
+        return np.zeros((0, 0, 3), np.uint8)
     source = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)
     crop = rotate_if_tall(crop_image(source, mask))
-    return crop.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return crop.round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
 
 
 class LineReader:

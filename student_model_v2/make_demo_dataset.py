@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .glyph_render import DEFAULT_FONT_PATH, GlyphFont
+from .glyph_render import DEFAULT_FONT_PATH, GlyphFont, Patch, fill_polygon
 
 LATIN_WORDS = (
     "OPEN", "SALE", "Coffee", "Bakery", "Hello", "World", "Welcome", "Fresh", "Market", "Station", "Garden",
@@ -49,6 +49,9 @@ _PALETTE = (
 )
 _COLOR_NAMES = ("black", "white", "red", "blue", "green", "yellow", "purple", "orange", "teal", "brown",
                 "cream", "grey")
+_SPACING = 3
+"""Pixels a placed text box is grown by; later boxes must stay clear of the grown area."""
+_SPACING_KERNEL = np.ones((2 * _SPACING + 1,) * 2, np.uint8)
 _FILLER = ("The scene is lit by soft daylight", "A few shapes decorate the background", "Nothing else is visible",
            "The colours are calm and smooth", "The layout looks like a simple poster", "Edges are clean")
 
@@ -188,11 +191,11 @@ def synth_sample(seed: int, index: int, size: int = 512, font: GlyphFont | None 
             poly = np.round(corners + c).astype(np.int32)
             if poly.min() < margin or poly.max() > size - 1 - margin:
                 continue
-            mask = np.zeros_like(occupied)
-            cv2.fillPoly(mask, [poly.reshape(-1, 1, 2)], 1)
-            if not (mask & occupied).any():
+            mask = fill_polygon(poly, size, size, margin=_SPACING)
+            mh, mw = mask.data.shape
+            if not (mask.data & occupied[mask.y:mask.y + mh, mask.x:mask.x + mw]).any():
                 placed = poly
-                occupied |= cv2.dilate(mask, np.ones((7, 7), np.uint8))
+                Patch(cv2.dilate(mask.data, _SPACING_KERNEL), mask.x, mask.y).paste_max(occupied)
                 break
         if placed is None:
             continue

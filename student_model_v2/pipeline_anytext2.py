@@ -336,7 +336,7 @@ def build_conditioning(
     else:
         width, height = request.width, request.height
         check_image_size(width, height)
-        edit_image = np.zeros((height, width, 3), np.float32)
+        edit_image = None
     positions = _resolve_positions(request, width, height, source_size)
     if request.edit_image is not None and not positions:
         raise InferenceInputError("editing needs a mask (or polygons) marking the text areas to repaint")
@@ -352,8 +352,9 @@ def build_conditioning(
         warnings.append(f"{len(styles)} line styles for {len(texts)} texts: the extra styles are ignored")
     styles += [LineStyle()] * (len(texts) - len(styles))
 
-    glyphs, gly_lines, line_masks, colors, mimic_crops, debug = [], [], [], [], [], []
+    glyphs, gly_lines, line_masks, colors, mimic_crops = [], [], [], [], []
     font_hint = np.zeros((height, width), np.float32)
+    glyph_sum = np.zeros((3, height, width), np.float32)
     for index, (text, position, style) in enumerate(zip(texts, positions, styles), start=1):
         missing = glyph_font.missing_chars(text)
         if missing:
@@ -372,9 +373,7 @@ def build_conditioning(
         gly_lines.append(_tensor(render_gly_line(glyph_font, text).astype(np.float32)))
         line_masks.append(_tensor(position.mask.astype(np.float32)))
         colors.append(torch.tensor([color], dtype=torch.float32) / 255.0)
-        outline = np.ascontiguousarray(glyph.transpose(1, 2, 0) * 255.0)
-        cv2.drawContours(outline, [np.round(position.polygon).astype(np.int32).reshape(-1, 1, 2)], 0, (255, 255, 255), 1)
-        debug.append(outline)
+        glyph_sum += glyph * 255.0
         if style.mimic_image is not None or style.mimic_mask is not None:
             if style.font is not None:
                 raise InferenceInputError(f"text line {index}: choose either a font or an image to mimic, not both")
@@ -392,17 +391,17 @@ def build_conditioning(
             if missing:
                 raise InferenceInputError(f'text line {index} "{text}": the font {font.path.name} has no glyph for '
                                           f"{''.join(missing)!r}")
-            hint = render_glyphs(font, text, position.polygon, add_space=True)
-            font_hint += colorize(hint, (255, 255, 255), height, width)[0]
+            coverage = render_glyphs(font, text, position.polygon, add_space=True).to_canvas(height, width)
+            font_hint += coverage * np.float32(1.0 / 255.0)  # colorize()'s white channel, without the other two
     np.clip(font_hint, 0.0, 1.0, out=font_hint)
     if request.font_hollow and font_hint.any():
         font_hint = (hollow_font_hint(font_hint * 255.0, hollow_noise()) / 255.0).astype(np.float32)
 
     if not texts:
         texts = [" "]
-        glyphs = [_tensor(np.zeros((3, height, width)))]
-        gly_lines = [_tensor(np.zeros((1, GLY_LINE_HEIGHT, GLY_LINE_WIDTH)))]
-        line_masks = [_tensor(np.zeros((height, width)))]
+        glyphs = [_tensor(np.zeros((3, height, width), np.float32))]
+        gly_lines = [_tensor(np.zeros((1, GLY_LINE_HEIGHT, GLY_LINE_WIDTH), np.float32))]
+        line_masks = [_tensor(np.zeros((height, width), np.float32))]
         colors = [torch.full((1, 3), COLOR_SENTINEL / 255.0)]
         mimic_crops = [None]
     if request.revise_position and request.mode == "gen":
@@ -412,9 +411,11 @@ def build_conditioning(
         warnings.append("Revise Position applies to generation only; editing keeps the drawn positions")
     hint = np.zeros((height, width), np.float32)
     for position in positions:
-        hint = np.maximum(hint, position.mask)
-    masked = np.clip(edit_image.astype(np.float32) / 127.5 - 1.0 - 10.0 * hint[..., None], -1.0, 1.0)
-    glyph_image = np.clip(sum(debug), 0, 255).astype(np.uint8) if debug else np.zeros((height, width, 3), np.uint8)
+        np.maximum(hint, position.mask, out=hint)
+    if edit_image is None:
+        masked = np.full((height, width, 3), -1.0, np.float32)  # a black reference, masked or not, is -1
+    else:
+        masked = np.clip(edit_image.astype(np.float32) / 127.5 - 1.0 - 10.0 * hint[..., None], -1.0, 1.0)
     return Conditioning(
         texts=texts,
         image_caption=append_prompt(image_prompt.caption, a_prompt),
@@ -423,10 +424,22 @@ def build_conditioning(
         glyphs=glyphs, gly_line=gly_lines, positions=line_masks, colors=colors,
         font_hint=_tensor(font_hint), hint=_tensor(hint), masked_image=_tensor(masked.transpose(2, 0, 1)),
         mode=request.mode, polygons=[p.polygon for p in positions[: len(texts)]], mimic_crops=mimic_crops,
-        glyph_image=glyph_image,
+        glyph_image=debug_glyph_image(glyph_sum, [p.polygon for p in positions[: len(texts)]]),
         font_hint_image=np.repeat((font_hint * 255.0).astype(np.uint8)[..., None], 3, axis=2),
         warnings=warnings,
     )
+
+
+def debug_glyph_image(glyph_sum: np.ndarray, polygons: Sequence[np.ndarray]) -> np.ndarray:
+    """The glyph renders (summed, 0..255, CHW) as one (H, W, 3) uint8 image with each line's polygon outlined.
+
+    Outlines are drawn in white after clipping, which equals upstream's drawing them into each line's render
+    before summing: every pixel of an outline reaches 255 either way.
+    """
+    image = np.ascontiguousarray(np.clip(glyph_sum, 0, 255).astype(np.uint8).transpose(1, 2, 0))
+    for polygon in polygons:
+        cv2.drawContours(image, [np.round(polygon).astype(np.int32).reshape(-1, 1, 2)], 0, (255, 255, 255), 1)
+    return image
 
 
 def conditioning_from_sample(sample: dict[str, Any], negative_prompt: str = DEFAULT_N_PROMPT) -> Conditioning:

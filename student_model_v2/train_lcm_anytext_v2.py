@@ -55,13 +55,12 @@ class X0RegressionObjective(Objective):
         if not 1 <= args.num_inference_steps <= lcm.NUM_TRAIN_TIMESTEPS:
             raise ValueError(f"--num_inference_steps must be in [1, {lcm.NUM_TRAIN_TIMESTEPS}], "
                              f"got {args.num_inference_steps}")
-        self.grid = lcm.ddim_solver_timesteps(args.num_inference_steps).to(alphas_cumprod.device)
+        self.solver = lcm.DDIMSolver(alphas_cumprod.cpu(), args.num_inference_steps).to(alphas_cumprod.device)
         self.guidance_w = lcm.lcm_w_from_cfg_scale(args.cfg_scale)
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        """t ~ U(solver grid) per sample, drawn on the generator's device."""
-        index = torch.randint(0, len(self.grid), (batch_size,), generator=generator, device=generator.device)
-        return self.grid.to(device)[index.to(device)]
+        """t ~ U(solver grid) per sample: the start points of v2_4's timestep draw."""
+        return lcm.sample_timestep_pairs(self.solver, batch_size, generator=generator, device=device).start
 
     def x0_pair(self, denoisers: Denoisers, latents: torch.Tensor,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

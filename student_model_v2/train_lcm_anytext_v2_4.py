@@ -22,14 +22,13 @@ import torch
 
 from student_model_v2 import lcm_utils_v2 as lcm
 from student_model_v2.training.aux_losses import AuxiliaryLosses, add_aux_loss_arguments
-from student_model_v2.training.trainer import Denoisers, LossOutput, Objective, PassPlan, make_parser, run
+from student_model_v2.training.trainer import Denoisers, LossOutput, Objective, make_parser, run
 
 
 class LCMObjective(Objective):
     """Consistency distillation with the online student as target network (LCM-LoRA)."""
 
     name = "v2_4"
-    passes = PassPlan(cache_uncond_captions=True)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +42,8 @@ class LCMObjective(Objective):
         parser.add_argument("--huber_c", type=float, default=lcm.HUBER_C)
         parser.add_argument("--target_from_teacher", action="store_true",
                             help="legacy (original v2_4 template): regress the CFG teacher's x0 at x_t instead of "
-                                 "the student's consistency target (not LCM; 2 more teacher passes)")
+                                 "the student's consistency target (not LCM; one more teacher UNet call on the "
+                                 "cond + uncond rows, reusing the teacher's WriteNet residuals)")
         add_aux_loss_arguments(parser, ffl_weight=0.0, grad_weight=0.0)
 
     def __init__(self, args: argparse.Namespace, alphas_cumprod: torch.Tensor) -> None:
@@ -72,8 +72,8 @@ class LCMObjective(Objective):
         eps_c, eps_u = denoisers.teacher_eps(x_s, pairs.start)
         x0_c = lcm.predicted_origin(eps_c, pairs.start, x_s, "epsilon", ac)
         x0_u = lcm.predicted_origin(eps_u, pairs.start, x_s, "epsilon", ac)
-        x0_cfg = lcm.lcm_guidance(x0_c, x0_u, lcm.append_dims(w, 4))
-        eps_cfg = lcm.lcm_guidance(eps_c, eps_u, lcm.append_dims(w, 4))
+        x0_cfg = lcm.lcm_guidance(x0_c, x0_u, w)
+        eps_cfg = lcm.lcm_guidance(eps_c, eps_u, w)
         x_t = self.solver.ddim_step(x0_cfg, eps_cfg, pairs.index, args.lcm_step)
 
         eps_student = denoisers.student_eps(x_s, pairs.start)
@@ -82,7 +82,7 @@ class LCMObjective(Objective):
         with torch.no_grad():
             if args.target_from_teacher:
                 t_c, t_u = denoisers.teacher_eps(x_t, pairs.target)
-                target_eps = lcm.lcm_guidance(t_c, t_u, lcm.append_dims(w, 4))
+                target_eps = lcm.lcm_guidance(t_c, t_u, w)
             else:
                 target_eps = denoisers.target_eps(x_t, pairs.target)
             target = self._boundary(x_t, lcm.predicted_origin(target_eps, pairs.target, x_t, "epsilon", ac), pairs.target)

@@ -38,7 +38,7 @@ def _corrupted(tmp_path):
         ({"caption": "no image name"}, None),
     ]
     odd_items = [
-        (dict(_good("gray.png")), Image.new("L", (R, R), 90)),
+        (dict(_good("gray.png"), caption=["not", "a", "string"]), Image.new("L", (R, R), 90)),
         (dict(_good("rgba.png")), transparent),
         (dict(_good("cmyk.jpg")), _jpeg(Image.new("CMYK", (R, R), (0, 0, 0, 60)))),
         (dict(_good("deep.png")), deep),
@@ -83,7 +83,7 @@ EXPECTED = Counter({
     "sample.missing_image": 1, "sample.bad_image": 2, "sample.bad_record": 1,
     "line.bad_polygon": 4, "line.degenerate_polygon": 1, "line.polygon_outside": 1,
     "line.empty_text": 2, "fix.text_truncated": 1, "fix.unknown_language": 2, "fix.bad_color": 1,
-    "line.missing_glyphs": 2, "line.bad_annotation": 3, "fix.fake_line": 2,
+    "line.missing_glyphs": 2, "line.bad_annotation": 3, "fix.fake_line": 2, "fix.bad_caption": 1,
 })
 
 

@@ -272,6 +272,10 @@ def test_mock_dataset_has_the_same_contract():
         assert s["text_caption"].count("*") == n
     batch = collate_fn([ds[0], ds[1]])
     assert batch["glyphs"][0].shape == (2, 3, 256, 256)
+    with pytest.raises(TypeError, match="glyph_scaling"):
+        MockAnyTextDataset(size=1, glyph_scaling=2)
+    with pytest.raises(TypeError, match="lmdb_path"):
+        MockAnyTextDataset(size=1, lmdb_path="cache")
 
 
 def test_glyph_scale_two_doubles_glyph_canvas(index_dir):

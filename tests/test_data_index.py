@@ -10,8 +10,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from student_model_v2.json_index import (DatasetFileError, JsonIndex, expand_dataset_paths, split_indices,
-                                         split_lengths, write_path_list)
+from student_model_v2.json_index import DatasetFileError, JsonIndex, expand_dataset_paths, split_indices, split_lengths
 
 
 def _records(n: int) -> list[dict]:
@@ -91,12 +90,18 @@ def test_jsonl_input_with_sidecar_meta(tmp_path):
     (tmp_path / "shard.meta.json").write_text(json.dumps({"data_root": "imgs", "count": 5}))
     ix = JsonIndex(path, cache_dir=tmp_path)
     assert ix.data_root == "imgs" and [ix[i] for i in range(5)] == recs
+    (tmp_path / "shard.meta.json").write_text(json.dumps(["imgs"]))
+    with pytest.raises(DatasetFileError, match="shard.meta.json.*list"):
+        JsonIndex(path, cache_dir=tmp_path / "rebuilt")
 
 
 @pytest.mark.parametrize("body, message", [
     ('{"data_root": "x"}', "no 'data_list'"),
     ('[1, 2, 3]', "not a valid AnyText2 JSON"),
-    ('{"data_list": [{"img_name": "a"} {"img_name": "b"}]}', "not a valid AnyText2 JSON"),
+    ('{"data_list": [{"img_name": "a"} {"img_name": "b"}]}', "expected ',' or ']' in data_list at byte 33"),
+    ('{"data_list": [] "data_root": "x"}', "expected ',' or '}' after a top-level value at byte 17"),
+    ('{"data_list": [], 5: "x"}', "expected a string key at byte 18"),
+    ('{"data_list": [{"img_name": "a"},', "not a valid AnyText2 JSON"),
     ('{"data_root": 5, "data_list": []}', "data_root"),
 ])
 def test_malformed_files_name_the_file(tmp_path, body, message):
@@ -118,9 +123,6 @@ def test_expand_dataset_paths(tmp_path):
     assert expand_dataset_paths([str(listing)]) == [a, b, c]
     rel = expand_dataset_paths(["demodataset/annotations/demo_data.json"])[0]
     assert rel.is_absolute() and rel.is_file(), "relative paths resolve against the repo root"
-    written = write_path_list([a, b, c], tmp_path / "auto" / "train_paths.list")
-    assert written.read_text().splitlines() == [str(a), str(b), str(c)]
-    assert expand_dataset_paths([str(written)]) == [a, b, c]
 
 
 def test_split_is_deterministic_and_covers_everything():

@@ -29,7 +29,7 @@ from student_model_v2.inference_inputs import InferenceInputError
 from student_model_v2.pipeline_anytext2 import TextRequest, build_conditioning
 from student_model_v2.revise_position import revised_line_mask
 
-from .conftest import REPO_ROOT, TINY_YAML
+from .conftest import REPO_ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -158,12 +158,8 @@ def test_cli_bad_arguments_are_one_error_line(tmp_path, capsys, argv, message):
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
-def test_lora_is_merged_for_lcm_and_kept_apart_for_ddim(tmp_path):
-    from student_model_v2.anytext2.checkpoint import build_random_teacher
-    from student_model_v2.training.lora import add_lora
-
-    add_lora(build_random_teacher(TINY_YAML), rank=4, alpha=4).save_pretrained(tmp_path)
-    base = ["--student_lora_path", str(tmp_path), "--device", "cpu"]
+def test_lora_is_merged_for_lcm_and_kept_apart_for_ddim(student_lora_dir):
+    base = ["--student_lora_path", str(student_lora_dir), "--device", "cpu"]
     lcm = demo_v2.load_pipeline(demo_v2.build_parser().parse_args(base))
     assert lcm.has_lora and lcm.lora_merged and not lcm.can_sample_teacher
     ddim = demo_v2.load_pipeline(demo_v2.build_parser().parse_args([*base, "--use_ddim_sampler"]))

@@ -150,8 +150,14 @@ def test_rotated_and_tall_lines_are_cropped_upright_and_read(font, reader):
     assert reader.read([np.ascontiguousarray(np.rot90(crops[1], k=-1))])[0][0] != "欢迎光临"
 
 
-def test_empty_crop_reads_as_empty(reader):
+def test_empty_crop_reads_as_empty(font, reader):
     assert reader.read([np.zeros((0, 5, 3), np.uint8)]) == [("", 0.0)]
+    # a polygon that covers no pixel reads as nothing, not as the text in the image's corner
+    corner = np.array([[4, 4], [150, 4], [150, 40], [4, 40]], np.float32)
+    page = _render_page(font, [("OPEN", corner)], size=160)
+    outside = np.array([[200, 200], [260, 200], [260, 230], [200, 230]], np.float32)
+    assert reader.read_lines(page, [outside, corner])[0] == ("", 0.0)
+    assert "".join(reader.read_lines(page, [corner])[0][0].split()) == "OPEN"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,17 +20,6 @@ from .conftest import TINY_YAML
 PLACEHOLDER_ID = 265
 
 
-@pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory):
-    from student_model_v2.anytext2.checkpoint import build_random_teacher
-    from student_model_v2.training.lora import add_lora
-
-    peft_model = add_lora(build_random_teacher(TINY_YAML), rank=4, alpha=4)
-    path = tmp_path_factory.mktemp("lora")
-    peft_model.save_pretrained(str(path))
-    return path
-
-
 def _argv(lora_dir, out, *extra: str) -> list[str]:
     return ["--config", str(TINY_YAML), "--teacher_ckpt", "", "--lora_path", str(lora_dir), "--device", "cpu",
             "--seed", "7", "--output_path", str(out), *extra]
@@ -41,8 +30,8 @@ def _run(argv: list[str], capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_dataset_sample(lora_dir, tmp_path, capsys):
-    argv = _argv(lora_dir, tmp_path / "s.png", "--use_mock_dataset", "--resolution", "64", "--sample_index", "13")
+def test_dataset_sample(student_lora_dir, tmp_path, capsys):
+    argv = _argv(student_lora_dir, tmp_path / "s.png", "--use_mock_dataset", "--resolution", "64", "--sample_index", "13")
     report = _run(argv, capsys)
     sample = MockAnyTextDataset(10, resolution=64, seed=7)[3]
     n = sample["n_lines"]
@@ -57,11 +46,11 @@ def test_dataset_sample(lora_dir, tmp_path, capsys):
     assert torch.equal(cond.masked_image[0], sample["masked_img"])
 
 
-def test_free_form_prompt_with_positions(lora_dir, tmp_path, capsys):
+def test_free_form_prompt_with_positions(student_lora_dir, tmp_path, capsys):
     from student_model_v2.anytext2.config import BUNDLED_TOKENIZER_DIR
     from student_model_v2.anytext2.text_encoder import load_tokenizer
 
-    argv = _argv(lora_dir, tmp_path / "free.png", "--prompt", 'a sign that reads "Hi", "Yo"', "--resolution", "64",
+    argv = _argv(student_lora_dir, tmp_path / "free.png", "--prompt", 'a sign that reads "Hi", "Yo"', "--resolution", "64",
                  "--positions", "[[4, 4, 60, 28], [[4, 34], [60, 34], [60, 60], [4, 60]]]", "--num_images", "2",
                  "--colors", "255,0,0")
     report = _run(argv, capsys)
@@ -74,7 +63,7 @@ def test_free_form_prompt_with_positions(lora_dir, tmp_path, capsys):
     assert cond.positions[0][0, 0, 4:29, 4:61].all() and cond.positions[0].sum() == 25 * 57
     assert cond.positions[1][0, 0, 34:61, 4:61].all() and torch.all(cond.masked_image == -1)
     assert all(g.sum() > 0 for g in cond.glyphs) and cond.colors[0].tolist() == [[1.0, 0.0, 0.0]]
-    box = _argv(lora_dir, tmp_path / "box.png", "--prompt", '"HELLO"', "--resolution", "128",
+    box = _argv(student_lora_dir, tmp_path / "box.png", "--prompt", '"HELLO"', "--resolution", "128",
                 "--positions", "[[8, 8, 120, 100]]")
     drawn = cli.prepare_conditioning(cli.build_parser().parse_args(box), 7)
     revised = cli.prepare_conditioning(cli.build_parser().parse_args(box + ["--revise_position"]), 7)
@@ -82,13 +71,13 @@ def test_free_form_prompt_with_positions(lora_dir, tmp_path, capsys):
     assert torch.equal(revised.hint, drawn.hint) and revised.warnings == drawn.warnings
 
 
-def test_edit_mode_from_image_and_mask_files(lora_dir, tmp_path, capsys):
+def test_edit_mode_from_image_and_mask_files(student_lora_dir, tmp_path, capsys):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (140, 100, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
     mask = np.zeros((140, 100), np.uint8)
     mask[20:60, 10:90] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    argv = _argv(lora_dir, tmp_path / "edit.png", "--prompt", 'a poster that reads "Hi"',
+    argv = _argv(student_lora_dir, tmp_path / "edit.png", "--prompt", 'a poster that reads "Hi"',
                  "--edit_image", str(tmp_path / "photo.png"), "--edit_mask", str(tmp_path / "mask.png"))
     report = _run(argv, capsys)
     assert report["mode"] == "edit" and report["size"] == [64, 128] and report["texts"] == ["Hi"]
@@ -99,8 +88,8 @@ def test_edit_mode_from_image_and_mask_files(lora_dir, tmp_path, capsys):
     assert torch.all(cond.masked_image[0][:, hint] == -1) and torch.all(cond.masked_image[0][:, ~hint] > -1)
 
 
-def test_compare_teacher_writes_a_grid_with_timings(lora_dir, tmp_path, capsys):
-    argv = _argv(lora_dir, tmp_path / "cmp.png", "--prompt", '"Hi"', "--resolution", "64",
+def test_compare_teacher_writes_a_grid_with_timings(student_lora_dir, tmp_path, capsys):
+    argv = _argv(student_lora_dir, tmp_path / "cmp.png", "--prompt", '"Hi"', "--resolution", "64",
                  "--positions", "[[4, 4, 60, 28]]", "--teacher_steps", "3")
     report = _run(argv + ["--compare_teacher"], capsys)
     runs = report["runs"]
@@ -123,10 +112,10 @@ def test_compare_teacher_writes_a_grid_with_timings(lora_dir, tmp_path, capsys):
     (["--lora_path", ""], "--lora_path (the student adapter folder) is required"),
     (["--lora_path", "{tmp}"], "not a LoRA adapter folder"),
 ])
-def test_bad_input_is_one_clear_error_line(lora_dir, tmp_path, capsys, extra, message):
+def test_bad_input_is_one_clear_error_line(student_lora_dir, tmp_path, capsys, extra, message):
     (tmp_path / "broken.png").write_text("not an image")
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
-    assert cli.main(_argv(lora_dir, tmp_path / "x.png", "--resolution", "64", *extra)) == 2
+    assert cli.main(_argv(student_lora_dir, tmp_path / "x.png", "--resolution", "64", *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()

@@ -85,7 +85,7 @@ def run_error(argv: list[str], capsys) -> str:
 def test_merge_order_and_section_rules():
     data = {
         "use_optimized": True,
-        "a": "top", "d": "top-only",
+        "a": "model", "d": "top-only",
         "model": {"a": "model", "b": "model"},
         "data": {"b": "data", "c": "data"},
         "train": {"c": "train"},
@@ -94,8 +94,16 @@ def test_merge_order_and_section_rules():
     merged = launcher.merge_sections(data, "x.yaml")
     assert {k: e.value for k, e in merged.items()} == {
         "a": "model", "b": "data", "c": "train", "use_optimized": True, "d": "top-only"}
+    assert merged["a"].origin == "model section of x.yaml"
     assert merged["c"].origin == "train section of x.yaml"
     assert merged["d"].origin == "top level of x.yaml"
+
+
+def test_top_level_key_conflicting_with_a_section_is_an_error(tmp_path, capsys, fake_scripts):
+    cfg = write_yaml(tmp_path, {"learning_rate": 1e-3, "train": {"learning_rate": 1e-4}}, "two.yaml")
+    err = run_error(["--config", str(cfg)], capsys)
+    assert "key 'learning_rate' is 0.001 at the top level of two.yaml but 0.0001 in the train section" in err
+    assert fake_scripts() == []
 
 
 def test_section_must_be_a_mapping(tmp_path, capsys, fake_scripts):

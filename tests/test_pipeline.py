@@ -95,6 +95,28 @@ def test_generation_conditioning(tokenizer):
     assert cond.mimic_crops == [None, None]
 
 
+def test_font_hint_and_debug_image_equal_upstreams_full_canvas_sums():
+    """Both are accumulated without a full 3-channel canvas per line; the numbers must be upstream's: the font
+    hint clip(sum of each line's white glyph render, 0, 1), the debug image each line's render x 255 with its
+    polygon outlined, summed and clipped. Overlapping lines make the sums matter."""
+    from student_model_v2.glyph_render import colorize, render_glyphs
+
+    font_path = "font/NotoSansCJKsc-Regular-subset.otf"
+    positions = [[4, 4, 60, 40], [[10, 20], [60, 16], [62, 50], [12, 58]]]
+    request = _gen_request(prompt='"Hi", "Yo"', positions=positions,
+                           line_styles=[LineStyle(font=font_path, color="30,200,90"), LineStyle(font=font_path)])
+    cond = build_conditioning(request, FONT)
+    hint, outlines = np.zeros((64, 64), np.float32), []
+    for text, polygon, glyph in zip(cond.texts, cond.polygons, cond.glyphs):
+        hint += colorize(render_glyphs(FONT, text, polygon), (255, 255, 255), 64, 64)[0]
+        outline = np.ascontiguousarray(glyph[0].numpy().transpose(1, 2, 0) * 255.0)
+        cv2.drawContours(outline, [np.round(polygon).astype(np.int32).reshape(-1, 1, 2)], 0, (255, 255, 255), 1)
+        outlines.append(outline)
+    assert (hint > 1).any()   # the lines overlap, so the clip is exercised
+    np.testing.assert_array_equal(cond.font_hint[0, 0].numpy(), np.clip(hint, 0, 1))
+    np.testing.assert_array_equal(cond.glyph_image, np.clip(sum(outlines), 0, 255).astype(np.uint8))
+
+
 def test_boxes_and_polygons_give_the_same_positions():
     boxes = build_conditioning(_gen_request(positions=[[4, 4, 60, 28], [4, 34, 60, 60]]), FONT)
     polygons = build_conditioning(_gen_request(), FONT)

@@ -1,7 +1,8 @@
-"""Training versions v2, v2_2 and v2_3 on the shared trainer.
+"""Training versions on the shared trainer: v2, v2_2 and v2_3, and v2_4's model passes.
 
 v2_2 must compute v2's loss with fewer frozen passes; its uncond cache must never serve a stale
-embedding; every version must learn on a fixed batch and run end to end from its YAML template.
+embedding; every version must learn on a fixed batch and run end to end from its YAML template;
+v2_4's target must reuse the student's WriteNet residuals without changing the loss.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from student_model_v2.dataset_anytext_v2 import MockAnyTextDataset, collate_fn
 from student_model_v2.lcm_utils_v2 import anytext2_alphas_cumprod
 from student_model_v2.training.conditioning import UncondCaptionCache
 from student_model_v2.training.lora import add_lora, load_lora
-from student_model_v2.training.trainer import PassCounter, StudentForward, Trainer
+from student_model_v2.training.trainer import Denoisers, PassCounter, StudentForward, Trainer
 from tests.conftest import REPO_ROOT, TINY_YAML
 
 DEMO_JSON = REPO_ROOT / "demodataset" / "annotations" / "demo_data.json"
@@ -137,6 +138,37 @@ def test_uncond_cache_is_fresh_whenever_its_inputs_change(rig):
     assert computed and torch.equal(restored, img)
     with pytest.raises(ValueError, match="placeholder|holds"):
         cache.get(model, "a * sign", 2, (64, 64))
+
+
+def test_v2_4_passes_and_target_residual_reuse(rig, monkeypatch):
+    _reset_lora(rig)
+    view = _trainer_view(rig, "v2_4")
+    loss = _loss(view, rig.batch, seed=3)
+    assert view.counter.vae_calls == [("encode", 4)]
+    assert view.counter.unet_calls == [("teacher", 4), ("student", 2), ("target", 2)]
+    assert view.counter.writenet_calls == [("teacher", 4), ("student", 2)], "the target must add no WriteNet pass"
+    view.counter.reset()
+    _loss(view, rig.batch, seed=3)
+    assert view.counter.text_encoder_calls == [("cond", 2)], "v2_4 must reuse the cached uncond captions"
+
+    def fresh_residuals_target(self, x_t, timesteps):
+        with torch.no_grad():
+            residuals = self.model.control_residuals(self.encoded.cond, self.strength)
+            return self.model.predict_eps(x_t, timesteps, self.encoded.cond, residuals, self.attnx_scale).float()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Denoisers, "target_eps", fresh_residuals_target)
+        reference = _loss(view, rig.batch, seed=3)
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-8)
+
+    teacher_target = _trainer_view(rig, "v2_4", "--target_from_teacher")
+    _loss(teacher_target, rig.batch, seed=3)
+    assert teacher_target.counter.unet_calls == [("teacher", 4), ("student", 2), ("teacher", 4)]
+    assert teacher_target.counter.writenet_calls == [("teacher", 4), ("student", 2)]
+
+    denoisers = Denoisers(rig.student, rig.model, rig.accelerator, view.args, None, PassCounter())
+    with pytest.raises(RuntimeError, match="student_eps first"):
+        denoisers.target_eps(torch.zeros(2, 4, 8, 8), torch.tensor([19, 19]))
 
 
 @pytest.mark.parametrize("version", ["v2", "v2_2", "v2_3"])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -82,6 +84,18 @@ def test_resume_continues_weights_and_data_order_exactly(tmp_path, monkeypatch):
     for name, value in full.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
     assert any(float(v.abs().max()) > 0 for n, v in full.items() if "lora_B" in n), "training must move LoRA B"
+
+
+def test_resume_keeps_the_checkpoints_step_plan(caplog):
+    view = SimpleNamespace(args=SimpleNamespace(max_epochs=0, max_train_steps=100), steps_per_epoch=10)
+    view._planned_steps = lambda: trainer_module.Trainer._planned_steps(view)
+    assert trainer_module.Trainer._step_plan(view, None) == (100, 100)
+    after_add_steps = {"schedule_steps": 100, "total_steps": 150}
+    assert trainer_module.Trainer._step_plan(view, after_add_steps) == (100, 150), "the cosine horizon must not move"
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="student_model_v2.train"):
+        assert trainer_module.Trainer._step_plan(view, {"schedule_steps": 80, "total_steps": 80}) == (80, 80)
+    assert "flags plan 100 optimizer steps but the checkpoint's run planned 80" in caplog.text
 
 
 def test_two_cpu_processes_average_gradients(tmp_path):

@@ -27,6 +27,8 @@ from .schedule import SCHEDULE_BUFFER_NAMES, make_schedule_buffers
 
 logger = logging.getLogger(__name__)
 
+# The --dtype / --teacher_dtype names every command line accepts for the teacher weights.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPTIONAL_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 RANDOM_INIT_BANNER = (
     "RANDOM-INIT TEACHER: built from the deterministic init rule, not from trained weights. "

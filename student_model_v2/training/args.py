@@ -8,7 +8,6 @@ argparse.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..anytext2.config import MODELS_YAML_DIR, REPO_ROOT
 
@@ -100,16 +99,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     resume.add_argument("--resume_path", default="", help="a checkpoint folder of this trainer (or 'latest')")
     resume.add_argument("--resume_optimizer", action="store_true",
                         help="also restore optimizer, LR schedule, RNG and data position from training_state.pt")
-    resume.add_argument("--resume_add_steps", type=int, default=0, help="> 0: train this many more steps after resuming")
+    resume.add_argument("--resume_add_steps", type=int, default=0,
+                        help="> 0: train this many more steps after resuming (the LR schedule keeps its horizon)")
     resume.add_argument("--eval_batches", type=int, default=1, help="val batches per evaluation (0 = off)")
     resume.add_argument("--stop_after_steps", type=int, default=0,
                         help="> 0: checkpoint and stop after this many updates of this run, keeping the schedule of "
                         "max_train_steps (for time-limited cluster jobs; resume later)")
     return parser
-
-
-def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
-    """Repo-relative defaults stay absolute; user paths are taken as given (relative to the CWD)."""
-    for key in ("config", "output_dir", "font_path"):
-        setattr(args, key, str(Path(getattr(args, key)).expanduser()))
-    return args

@@ -1,8 +1,9 @@
 """Optional glyph-sharpness terms next to a version's main loss: focal frequency and masked Sobel gradient.
 
 One definition of their flags for every version that offers them: v2_3 (on by default, the original's
-0.05/0.05) and v2_4 (off by default, applied to the boundary-scaled predictions). The flag names are
-the original v2_3's; its ``--loss_ffl_weight``/``--loss_grad_weight`` are accepted as aliases, so the
+0.05/0.05) and v2_4 (off by default, applied to the boundary-scaled predictions). The ``--ffl_*``,
+``--loss_mask_key`` and ``--loss_text_weight`` flags keep the original v2_3's names; its
+``--loss_ffl_weight``/``--loss_grad_weight`` are aliases of ``--ffl_weight``/``--grad_weight``, so the
 original templates' keys still work.
 """
 

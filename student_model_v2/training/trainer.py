@@ -29,7 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..anytext2.checkpoint import RANDOM_INIT_BANNER, build_random_teacher, load_teacher
+from ..anytext2.checkpoint import DTYPES, RANDOM_INIT_BANNER, build_random_teacher, load_teacher
 from ..anytext2.model import AnyText2Model, Conditions, concat_conditions
 from ..anytext2.unet import set_gradient_checkpointing
 from ..lcm_utils_v2 import anytext2_alphas_cumprod
@@ -41,7 +41,6 @@ from .lora import adapters_disabled, add_lora, load_lora
 from .previews import save_preview_grid
 
 logger = logging.getLogger("student_model_v2.train")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIGTERM_EXIT_CODE = 143
 
 
@@ -120,7 +119,7 @@ class PassPlan:
     """
 
     merged_vae: bool = True
-    cache_uncond_captions: bool = False
+    cache_uncond_captions: bool = True
     batched_teacher: bool = True
     teacher_inference_mode: bool = False
 
@@ -187,14 +186,15 @@ class Denoisers:
 
     @torch.no_grad()
     def target_eps(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Online-student eps without grad (the LCM-LoRA target network), reusing the student residuals."""
+        """Online-student eps without grad (the LCM-LoRA target network), reusing the student residuals.
+
+        The residuals are the student's own (same LoRA weights, no latent or timestep input), so the
+        target adds no WriteNet pass; ``student_eps`` must run first.
+        """
+        if self._student_residuals is None:
+            raise RuntimeError("target_eps reuses the student's WriteNet residuals: call student_eps first")
         with self.accelerator.autocast():
-            residuals = self._student_residuals
-            if residuals is None:
-                residuals = self.model.control_residuals(self.encoded.cond, self.strength)
-                self._student_residuals = residuals
-                self.counter.writenet_calls.append(("target", x_t.shape[0]))
-            eps = self.model.predict_eps(x_t, timesteps, self.encoded.cond, residuals, self.attnx_scale)
+            eps = self.model.predict_eps(x_t, timesteps, self.encoded.cond, self._student_residuals, self.attnx_scale)
         self.counter.unet_calls.append(("target", x_t.shape[0]))
         return eps.float()
 
@@ -286,6 +286,7 @@ class Trainer:
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.objective = objective_cls(args, anytext2_alphas_cumprod().to(acc.device))
         self.output_dir = self._resolve_output_dir()
         set_seed(args.seed)
         self.generator = torch.Generator(device=acc.device).manual_seed(args.seed * 1000 + acc.process_index)
@@ -306,17 +307,18 @@ class Trainer:
         self.student, self.optimizer, self.train_loader = acc.prepare(self.student, self.optimizer, loaders.train)
         self.val_loader = acc.prepare(loaders.val) if loaders.val is not None else None
         self.test_loader = acc.prepare(loaders.test) if loaders.test is not None else None
-        self.objective = objective_cls(args, anytext2_alphas_cumprod().to(acc.device))
         self.counter = PassCounter()
         self.uncond_cache = UncondCaptionCache()
 
         self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / args.gradient_accumulation_steps))
         self.global_step, self.epoch, self.batches_done = 0, 0, 0
         self.ema_loss: float | None = None
-        self.total_steps = self._planned_steps()
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, _lr_lambda(args, self.total_steps))
-        if self.resume_dir is not None and args.resume_optimizer:
-            self._restore_state(load_training_state(self.resume_dir))
+        state = load_training_state(self.resume_dir) if self.resume_dir is not None and args.resume_optimizer else None
+        self.schedule_steps, self.total_steps = self._step_plan(state)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer,
+                                                              _lr_lambda(args, self.schedule_steps))
+        if state is not None:
+            self._restore_state(state)
         if args.resume_add_steps > 0:
             self.total_steps = self.global_step + args.resume_add_steps
         self.max_epochs = max(1, math.ceil(self.total_steps / self.steps_per_epoch))
@@ -376,6 +378,23 @@ class Trainer:
             raise ValueError("set --max_train_steps > 0 or --max_epochs > 0")
         return args.max_train_steps
 
+    def _step_plan(self, state: dict[str, Any] | None) -> tuple[int, int]:
+        """(LR-schedule horizon, last optimizer step) of this run.
+
+        A resumed run keeps the checkpoint's plan, so the cosine and the end stay those of the
+        uninterrupted run even after an earlier ``--resume_add_steps``; flags that now plan otherwise
+        are reported rather than half-applied.
+        """
+        planned = self._planned_steps()
+        if state is None:
+            return planned, planned
+        schedule, total = int(state["schedule_steps"]), int(state["total_steps"])
+        if planned != schedule:
+            logger.warning("the flags plan %d optimizer steps but the checkpoint's run planned %d: keeping the "
+                           "checkpoint's LR schedule and end (step %d); use --resume_add_steps to train longer",
+                           planned, schedule, total)
+        return schedule, total
+
     # ----------------------------------------------------------------------------- state
     def _training_state(self) -> dict[str, Any]:
         states = gather_object([rng_state(self.generator)])
@@ -384,6 +403,7 @@ class Trainer:
             "epoch": self.epoch,
             "batches_done": self.batches_done,
             "total_steps": self.total_steps,
+            "schedule_steps": self.schedule_steps,
             "ema_loss": self.ema_loss,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -398,13 +418,12 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.epoch = int(state["epoch"])
         self.batches_done = int(state["batches_done"])
-        self.total_steps = int(state.get("total_steps", self.total_steps))
-        self.ema_loss = state.get("ema_loss")
-        if state.get("num_processes") == self.accelerator.num_processes:
+        self.ema_loss = state["ema_loss"]
+        if state["num_processes"] == self.accelerator.num_processes:
             restore_rng_state(state["rng"][self.accelerator.process_index], self.generator)
         else:
             logger.warning("resuming on %d processes from a %d-process run: RNG streams restart",
-                           self.accelerator.num_processes, state.get("num_processes"))
+                           self.accelerator.num_processes, state["num_processes"])
         logger.info("resumed at step %d (epoch %d, %d batches into it)", self.global_step, self.epoch, self.batches_done)
 
     def save(self, name: str) -> Path:
@@ -461,9 +480,15 @@ class Trainer:
         return value
 
     def _log_preview(self, batch: dict[str, Any]) -> None:
+        """Preview of what the student samples now, with its LoRA dropout off (as at inference)."""
         args = self.args
         folder = Path(args.log_image_dir) if args.log_image_dir else self.output_dir / "train_img"
-        save_preview_grid(self.accelerator.unwrap_model(self.student).anytext2, batch, args, folder / f"step_{self.global_step:07d}.png")
+        student = self.accelerator.unwrap_model(self.student)
+        student.eval()
+        try:
+            save_preview_grid(student.anytext2, batch, args, folder / f"step_{self.global_step:07d}.png")
+        finally:
+            student.train()
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum: int, _frame: Any) -> None:
