@@ -39,9 +39,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .anytext2.config import MODELS_YAML_DIR
-from .eval_report import write_json
-from .training.args import DEFAULT_DATASET
+if __package__ in (None, ""):  # run as a file: see _script_mode.py
+    import _script_mode  # noqa: F401
+
+from student_model_v2.anytext2.config import MODELS_YAML_DIR
+from student_model_v2.evaluation.report import write_json
+from student_model_v2.training.args import DEFAULT_DATASET
 
 DEFAULT_TINY_YAML = MODELS_YAML_DIR / "anytext2_tiny.yaml"
 DTYPE_CHOICES = ["fp32", "fp16", "bf16"]
@@ -63,9 +66,9 @@ def bench_data(args: argparse.Namespace) -> dict:
     import cv2
     import torch
 
-    from .anytext_record import RenderOptions
-    from .build_lmdb_cache import build_cache
-    from .dataset_anytext_v2 import AnyTextDataset
+    from student_model_v2.build_lmdb_cache import build_cache
+    from student_model_v2.data.anytext_record import RenderOptions
+    from student_model_v2.data.dataset import AnyTextDataset
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -109,9 +112,10 @@ def _sync(device) -> None:
 
 def bench_train(args: argparse.Namespace) -> dict:
     import importlib
+
     import torch
 
-    from .training.trainer import Trainer
+    from student_model_v2.training.trainer import Trainer
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="anytext_bench_train_") as tmp:
@@ -171,9 +175,9 @@ def bench_teacher(args: argparse.Namespace) -> dict:
     """Seconds of the teacher's operations on one batch: conditioning, WriteNet, one UNet eps call."""
     import torch
 
-    from .anytext2.checkpoint import DTYPES, build_random_teacher, load_teacher
-    from .dataset_anytext_v2 import MockAnyTextDataset, collate_fn
-    from .training.conditioning import encode_batch
+    from student_model_v2.anytext2.checkpoint import DTYPES, build_random_teacher, load_teacher
+    from student_model_v2.data.dataset import MockAnyTextDataset, collate_fn
+    from student_model_v2.distillation.conditioning import encode_batch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.teacher_ckpt:
@@ -254,9 +258,9 @@ def _time_requests(pipe, request, options, warmup: int, repeats: int, counter: _
 
 
 def bench_infer(args: argparse.Namespace) -> dict:
-    from .anytext2.checkpoint import DTYPES
-    from .pipeline_anytext2 import AnyText2Pipeline, SamplingOptions, TextRequest
-    from .training.lora import add_lora
+    from student_model_v2.anytext2.checkpoint import DTYPES
+    from student_model_v2.distillation.lora import add_lora
+    from student_model_v2.inference.pipeline import AnyText2Pipeline, SamplingOptions, TextRequest
 
     pipe = AnyText2Pipeline.from_pretrained(args.config, args.teacher_ckpt or None, device=args.device or None,
                                             dtype=DTYPES[args.dtype])

@@ -1,14 +1,14 @@
 """Gradio demo of the AnyText2 LCM-LoRA student (4-8 steps, no CFG) and its teacher (DDIM with CFG).
 
-The original ``demo_v2.py``'s features on :mod:`student_model_v2.pipeline_anytext2`: generation and
+The original ``demo_v2.py``'s features on :mod:`student_model_v2.inference.pipeline`: generation and
 editing tabs, positions drawn on a canvas (or typed as JSON boxes/polygons), up to five lines with a
 font ("No Font", "Mimic From Image" or a font from ``font/``) and a colour each, hollow font, sort
 priority, revise position, image count, size, strength, attnx scale, seed, eta, added/negative prompt,
 base model path and community "LoRA Path and Ratio" (applied on each Run, the model rebuilt only when they
 change), debug view, examples; results are saved to ``--save_dir``. Everything about conditioning,
 rendering, sampling and model swaps is the pipeline's; this module only turns widget values into a
-:class:`~student_model_v2.pipeline_anytext2.TextRequest` and
-:class:`~student_model_v2.pipeline_anytext2.SamplingOptions`. Bad input is shown as a message
+:class:`~student_model_v2.inference.pipeline.TextRequest` and
+:class:`~student_model_v2.inference.pipeline.SamplingOptions`. Bad input is shown as a message
 (``gr.Error`` with the pipeline's :class:`InferenceInputError` text), never as a traceback.
 
 Run (no checkpoint needed: the tiny random-init model, for trying the UI)::
@@ -32,23 +32,40 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script (python student_model_v2/demo_v2.py), as the original was
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "student_model_v2"
+if __package__ in (None, ""):  # run as a file: see _script_mode.py
+    import _script_mode  # noqa: F401
 
-import gradio as gr  # noqa: E402  (after the script-mode path fix, like every import below)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
 
-from .anytext2.checkpoint import DTYPES  # noqa: E402
-from .glyph_render import DEFAULT_FONT_PATH  # noqa: E402
-from .inference_inputs import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, SORT_PRIORITIES, UNSPECIFIED_COLOR,  # noqa: E402
-                               InferenceInputError, as_rgb_image, parse_color, parse_positions_argument, resize_mask)
-from .model_swaps import LORA_EXAMPLE, format_lora_list, parse_lora_list  # noqa: E402
-from .pipeline_anytext2 import (HOLLOW_NOISE_PATH, MAX_SEED, STUDENT_STEPS, TEACHER_STEPS,  # noqa: E402
-                                AnyText2Pipeline, InferenceResult, LineStyle, SamplingOptions, TextRequest,
-                                default_device)
+from student_model_v2.anytext2.checkpoint import DTYPES
+from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH
+from student_model_v2.inference.inputs import (
+    DEFAULT_A_PROMPT,
+    DEFAULT_N_PROMPT,
+    SORT_PRIORITIES,
+    UNSPECIFIED_COLOR,
+    InferenceInputError,
+    as_rgb_image,
+    parse_color,
+    parse_positions_argument,
+    resize_mask,
+)
+from student_model_v2.inference.model_swaps import LORA_EXAMPLE, format_lora_list, parse_lora_list
+from student_model_v2.inference.pipeline import (
+    HOLLOW_NOISE_PATH,
+    MAX_SEED,
+    STUDENT_STEPS,
+    TEACHER_STEPS,
+    AnyText2Pipeline,
+    InferenceResult,
+    LineStyle,
+    SamplingOptions,
+    TextRequest,
+    default_device,
+)
 
 # Gradio reads this whenever it would send telemetry or check its version: never, in this demo.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"

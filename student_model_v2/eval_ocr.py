@@ -30,21 +30,34 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: see _script_mode.py
+    import _script_mode  # noqa: F401
+
 import numpy as np
 from tqdm import tqdm
 
-from .anytext2.config import MODELS_YAML_DIR
-from .anytext_record import load_image
-from .eval_generate import (DTYPES, EVAL_TEXT_PHRASE, GenerationOptions, ModelPool, ModelSpec, check_settings,
-                            generation_settings, read_generated, run_model, timing_summary)
-from .eval_prompts import EvalPrompt, load_prompts
-from .eval_report import GridCell, GridRow, write_chart, write_grids, write_json, write_report
-from .glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
-from .inference_inputs import DEFAULT_N_PROMPT, InferenceInputError
-from .json_index import DatasetFileError
-from .line_ocr import LineReader
-from .ocr_metrics import LineScore, Normalization, load_dictionary, score_line, summarize
-from .training.args import DEFAULT_DATASET
+from student_model_v2.anytext2.config import MODELS_YAML_DIR
+from student_model_v2.data.anytext_record import load_image
+from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
+from student_model_v2.data.json_index import DatasetFileError
+from student_model_v2.evaluation.generate import (
+    DTYPES,
+    EVAL_TEXT_PHRASE,
+    GenerationOptions,
+    ModelPool,
+    ModelSpec,
+    check_settings,
+    generation_settings,
+    read_generated,
+    run_model,
+    timing_summary,
+)
+from student_model_v2.evaluation.line_ocr import LineReader
+from student_model_v2.evaluation.ocr_metrics import LineScore, Normalization, load_dictionary, score_line, summarize
+from student_model_v2.evaluation.prompts import EvalPrompt, load_prompts
+from student_model_v2.evaluation.report import GridCell, GridRow, write_chart, write_grids, write_json, write_report
+from student_model_v2.inference.inputs import DEFAULT_N_PROMPT, InferenceInputError
+from student_model_v2.training.args import DEFAULT_DATASET
 
 DEFAULT_CONFIG = MODELS_YAML_DIR / "anytext2_sd15.yaml"
 DEFAULT_CKPT = "models/anytext_v2.0.ckpt"

@@ -26,17 +26,36 @@ import sys
 import textwrap
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: see _script_mode.py
+    import _script_mode  # noqa: F401
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .anytext2.checkpoint import DTYPES
-from .glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
-from .inference_inputs import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, SORT_PRIORITIES, InferenceInputError,
-                               load_image_file, load_mask_file, parse_positions_argument)
-from .model_swaps import normalise_swaps
-from .pipeline_anytext2 import (AnyText2Pipeline, Conditioning, InferenceResult, LineStyle, SamplingOptions,
-                                TextRequest, build_conditioning, conditioning_from_sample, resolve_seed)
+from student_model_v2.anytext2.checkpoint import DTYPES
+from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
+from student_model_v2.inference.inputs import (
+    DEFAULT_A_PROMPT,
+    DEFAULT_N_PROMPT,
+    SORT_PRIORITIES,
+    InferenceInputError,
+    load_image_file,
+    load_mask_file,
+    parse_positions_argument,
+)
+from student_model_v2.inference.model_swaps import normalise_swaps
+from student_model_v2.inference.pipeline import (
+    AnyText2Pipeline,
+    Conditioning,
+    InferenceResult,
+    LineStyle,
+    SamplingOptions,
+    TextRequest,
+    build_conditioning,
+    conditioning_from_sample,
+    resolve_seed,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "models_yaml" / "anytext2_sd15.yaml"
@@ -176,8 +195,8 @@ def text_request(args: argparse.Namespace) -> TextRequest:
 
 
 def dataset_conditioning(args: argparse.Namespace, seed: int) -> Conditioning:
-    from .dataset_anytext_v2 import AnyTextDataset, MockAnyTextDataset
-    from .json_index import DatasetFileError
+    from student_model_v2.data.dataset import AnyTextDataset, MockAnyTextDataset
+    from student_model_v2.data.json_index import DatasetFileError
 
     try:
         if args.use_mock_dataset:

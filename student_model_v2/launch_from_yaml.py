@@ -41,8 +41,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file (python/accelerate launch path/to/launch_from_yaml.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: see _script_mode.py
+    import _script_mode  # noqa: F401
 
 import yaml
 
@@ -286,7 +286,7 @@ def plan_launch(config: Path, overrides: list[str]) -> LaunchPlan:
 
 def prepare_cache(args: argparse.Namespace) -> list[tuple[Path, int, int]]:
     """Build (or validate) the streaming index of every dataset file: [(file, kept items, total items)]."""
-    from student_model_v2.json_index import JsonIndex, expand_dataset_paths
+    from student_model_v2.data.json_index import JsonIndex, expand_dataset_paths
 
     results = []
     for path in expand_dataset_paths(args.dataset_json):
@@ -304,7 +304,7 @@ def _run_prepare_cache(plan: LaunchPlan) -> None:
     if rank != 0:
         print(f"prepare_cache: rank {rank} skips (rank 0 builds the indexes)")
         return
-    from student_model_v2.json_index import DatasetFileError, default_cache_dir
+    from student_model_v2.data.json_index import DatasetFileError, default_cache_dir
 
     print(f"prepare_cache: index folder {script_args.cache_dir or default_cache_dir()}")
     try:

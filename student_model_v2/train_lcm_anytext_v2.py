@@ -20,16 +20,14 @@ launch_from_yaml.py with train_config_template.yaml (``use_optimized: false``).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the package importable (accelerate launch path/to/script.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: see _script_mode.py
+    import _script_mode  # noqa: F401
 
 import torch
 
-from student_model_v2 import lcm_utils_v2 as lcm
+from student_model_v2.distillation import lcm
 from student_model_v2.training.trainer import Denoisers, LossOutput, Objective, PassPlan, make_parser, run
 
 

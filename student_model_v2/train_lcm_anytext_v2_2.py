@@ -16,11 +16,9 @@ train_config_template.yaml (``use_optimized: true``).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the package importable (accelerate launch path/to/script.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: see _script_mode.py
+    import _script_mode  # noqa: F401
 
 from student_model_v2.train_lcm_anytext_v2 import X0RegressionObjective
 from student_model_v2.training.trainer import PassPlan, make_parser, run

@@ -12,16 +12,14 @@ Usage: through launch_from_yaml.py with train_config_template_v3.yaml, or direct
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the package importable (accelerate launch path/to/script.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: see _script_mode.py
+    import _script_mode  # noqa: F401
 
 import torch
 
-from student_model_v2 import lcm_utils_v2 as lcm
+from student_model_v2.distillation import lcm
 from student_model_v2.train_lcm_anytext_v2_2 import FastX0RegressionObjective
 from student_model_v2.training.aux_losses import AuxiliaryLosses, add_aux_loss_arguments
 from student_model_v2.training.trainer import Denoisers, LossOutput, make_parser, run

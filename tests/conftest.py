@@ -28,7 +28,7 @@ def tiny_teacher():
 def student_lora_dir(tmp_path_factory):
     """A saved rank-4 student adapter for the tiny teacher whose B is non-zero, so it changes the images."""
     from student_model_v2.anytext2.checkpoint import build_random_teacher
-    from student_model_v2.training.lora import add_lora
+    from student_model_v2.distillation.lora import add_lora
 
     peft_model = add_lora(build_random_teacher(TINY_YAML), rank=4, alpha=4)
     generator = torch.Generator().manual_seed(0)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from student_model_v2.dataset_anytext_v2 import AnyTextDataset
-from student_model_v2.json_index import DatasetFileError
+from student_model_v2.data.dataset import AnyTextDataset
+from student_model_v2.data.json_index import DatasetFileError
 from tests.test_data_dataset import box, write_dataset
 
 R = 128

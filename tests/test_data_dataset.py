@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from student_model_v2.anytext_record import TEXT_CAPTION_PHRASES, text_caption
-from student_model_v2.dataset_anytext_v2 import AnyTextDataset, MockAnyTextDataset, collate_fn, make_splits
+from student_model_v2.data.anytext_record import TEXT_CAPTION_PHRASES, text_caption
+from student_model_v2.data.dataset import AnyTextDataset, MockAnyTextDataset, collate_fn, make_splits
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_JSON = REPO / "demodataset" / "annotations" / "demo_data.json"

@@ -8,9 +8,9 @@ import numpy as np
 from PIL import Image
 
 from student_model_v2 import bench
-from student_model_v2.dataset_anytext_v2 import AnyTextDataset
-from student_model_v2.glyph_render import line_geometry
-from student_model_v2.make_demo_dataset import make_demo_dataset, synth_sample
+from student_model_v2.data.dataset import AnyTextDataset
+from student_model_v2.data.glyph_render import line_geometry
+from student_model_v2.data.synthetic import make_demo_dataset, synth_sample
 from tests.test_data_dataset import DEMO_JSON
 
 DEMO = DEMO_JSON.parent.parent

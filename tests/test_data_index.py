@@ -10,7 +10,13 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from student_model_v2.json_index import DatasetFileError, JsonIndex, expand_dataset_paths, split_indices, split_lengths
+from student_model_v2.data.json_index import (
+    DatasetFileError,
+    JsonIndex,
+    expand_dataset_paths,
+    split_indices,
+    split_lengths,
+)
 
 
 def _records(n: int) -> list[dict]:

@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 
 from student_model_v2 import build_lmdb_cache
-from student_model_v2.anytext_record import RenderOptions
-from student_model_v2.build_lmdb_cache import build_cache
-from student_model_v2.dataset_anytext_v2 import AnyTextDataset
-from student_model_v2.glyph_render import DEFAULT_FONT_PATH
-from student_model_v2.lmdb_glyph_cache import META_KEY, CacheError
+from student_model_v2.data import lmdb_build
+from student_model_v2.data.anytext_record import RenderOptions
+from student_model_v2.data.dataset import AnyTextDataset
+from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH
+from student_model_v2.data.lmdb_build import build_cache
+from student_model_v2.data.lmdb_glyph_cache import META_KEY, CacheError
 from tests.test_data_dataset import DEMO_JSON
 
 OPTS = RenderOptions()
@@ -81,7 +82,7 @@ def test_other_font_is_a_mismatch(demo_cache, tmp_path):
 
 def test_interrupted_build_never_loads_and_resumes(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = build_lmdb_cache.render_record
+    real = lmdb_build.render_record
 
     def crashing(job):
         calls["n"] += 1
@@ -89,7 +90,7 @@ def test_interrupted_build_never_loads_and_resumes(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return real(job)
 
-    monkeypatch.setattr(build_lmdb_cache, "render_record", crashing)
+    monkeypatch.setattr(lmdb_build, "render_record", crashing)
     out = tmp_path / "cache"
     kwargs = dict(opts=OPTS, font_path=str(DEFAULT_FONT_PATH), num_workers=0, cache_dir=str(tmp_path / "index"),
                   commit_interval=2, progress=False)
@@ -103,7 +104,7 @@ def test_interrupted_build_never_loads_and_resumes(tmp_path, monkeypatch):
     assert 0 < stored <= 7
     with pytest.raises(CacheError, match="did not finish"):
         AnyTextDataset(DEMO_JSON, lmdb_path=out, cache_dir=tmp_path / "index")
-    monkeypatch.setattr(build_lmdb_cache, "render_record", real)
+    monkeypatch.setattr(lmdb_build, "render_record", real)
     meta = build_cache([str(DEMO_JSON)], str(out), **kwargs)
     assert meta["complete"] and meta["issues"]["resumed"] == stored and meta["written_this_run"] == 48 - stored
     assert AnyTextDataset(DEMO_JSON, lmdb_path=out, cache_dir=tmp_path / "index")[0]["n_lines"] >= 1

@@ -9,10 +9,22 @@ import cv2
 import numpy as np
 import pytest
 
-from student_model_v2.glyph_render import (DEFAULT_FONT_PATH, FontError, GlyphFont, HintAugment, colorize,
-                                           fill_polygon, font_hint_base, line_geometry, occlude_font_hint,
-                                           render_gly_line, render_glyphs, render_position, sample_position_morph)
-from student_model_v2.make_demo_dataset import CHINESE_PHRASES, LATIN_WORDS
+from student_model_v2.data.glyph_render import (
+    DEFAULT_FONT_PATH,
+    FontError,
+    GlyphFont,
+    HintAugment,
+    colorize,
+    fill_polygon,
+    font_hint_base,
+    line_geometry,
+    occlude_font_hint,
+    render_gly_line,
+    render_glyphs,
+    render_position,
+    sample_position_morph,
+)
+from student_model_v2.data.synthetic import CHINESE_PHRASES, LATIN_WORDS
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +192,7 @@ def test_font_hint_marks_dark_strokes_and_occlusion_cuts_a_band(font):
 
 
 def _recognizer():
-    from student_model_v2.line_ocr import load_recognizer
+    from student_model_v2.evaluation.line_ocr import load_recognizer
     return load_recognizer(threads=1)
 
 

@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 
 from student_model_v2 import demo_v2
-from student_model_v2.glyph_render import GlyphFont
-from student_model_v2.inference_inputs import InferenceInputError
-from student_model_v2.pipeline_anytext2 import TextRequest, build_conditioning
-from student_model_v2.revise_position import revised_line_mask
+from student_model_v2.data.glyph_render import GlyphFont
+from student_model_v2.inference.inputs import InferenceInputError
+from student_model_v2.inference.pipeline import TextRequest, build_conditioning
+from student_model_v2.inference.revise_position import revised_line_mask
 
 from .conftest import REPO_ROOT
 

@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from student_model_v2.glyph_render import GlyphFont, render_glyphs
-from student_model_v2.ocr_metrics import (CharDictionary, Normalization, levenshtein, load_dictionary, score_line,
-                                          summarize)
+from student_model_v2.data.glyph_render import GlyphFont, render_glyphs
+from student_model_v2.evaluation.ocr_metrics import (
+    CharDictionary,
+    Normalization,
+    levenshtein,
+    load_dictionary,
+    score_line,
+    summarize,
+)
 
 from .conftest import REPO_ROOT, TINY_YAML
 
@@ -25,7 +31,7 @@ def font() -> GlyphFont:
 
 @pytest.fixture(scope="module")
 def reader():
-    from student_model_v2.line_ocr import LineReader
+    from student_model_v2.evaluation.line_ocr import LineReader
     return LineReader(threads=1)
 
 
@@ -131,7 +137,7 @@ def _rotated_box(cx: float, cy: float, w: float, h: float, degrees: float) -> np
 
 
 def test_rotated_and_tall_lines_are_cropped_upright_and_read(font, reader):
-    from student_model_v2.line_ocr import crop_line
+    from student_model_v2.evaluation.line_ocr import crop_line
 
     rotated = ("OPEN 24", _rotated_box(150, 100, 220, 44, 30.0))
     tall = ("欢迎光临", np.array([[250, 120], [296, 120], [296, 300], [250, 300]], np.float32))
@@ -165,7 +171,7 @@ def test_empty_crop_reads_as_empty(font, reader):
 
 
 def test_prompts_scale_polygons_and_count_skips(tmp_path, font):
-    from student_model_v2.eval_prompts import load_prompts
+    from student_model_v2.evaluation.prompts import load_prompts
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -225,7 +231,7 @@ def test_ground_truth_mode_on_the_demo_dataset(tmp_path, reader):
 @pytest.fixture(scope="module")
 def fresh_adapter(tmp_path_factory):
     from student_model_v2.anytext2.checkpoint import build_random_teacher
-    from student_model_v2.training.lora import add_lora
+    from student_model_v2.distillation.lora import add_lora
 
     folder = tmp_path_factory.mktemp("adapter")
     add_lora(build_random_teacher(TINY_YAML), 4, 4).save_pretrained(str(folder))

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from student_model_v2 import infer_lcm_anytext_v2 as cli
-from student_model_v2.dataset_anytext_v2 import MockAnyTextDataset
+from student_model_v2.data.dataset import MockAnyTextDataset
 
 from .conftest import TINY_YAML
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, LCMScheduler
 
-from student_model_v2 import lcm_utils_v2 as lcm
+from student_model_v2.distillation import lcm
 
 GOLDEN_MANIFEST = Path(__file__).parent / "data" / "golden" / "tiny_a" / "state_dict_manifest.json"
 SD15_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student_model_v2.losses import FocalFrequencyLoss, MaskedGradientLoss, text_mask_from_batch
+from student_model_v2.distillation.losses import FocalFrequencyLoss, MaskedGradientLoss, text_mask_from_batch
 
 
 def _constant(value: float, size: int = 4) -> torch.Tensor:

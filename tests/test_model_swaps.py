@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from student_model_v2 import model_swaps as swaps
 from student_model_v2.anytext2.checkpoint import build_random_teacher
 from student_model_v2.anytext2.config import load_model_config
 from student_model_v2.anytext2.model import AnyText2Model
-from student_model_v2.inference_inputs import InferenceInputError
-from student_model_v2.pipeline_anytext2 import AnyText2Pipeline, SamplingOptions, TextRequest
+from student_model_v2.inference import model_swaps as swaps
+from student_model_v2.inference.inputs import InferenceInputError
+from student_model_v2.inference.pipeline import AnyText2Pipeline, SamplingOptions, TextRequest
 
 from .conftest import FULL_YAML, TINY_YAML
 

@@ -9,11 +9,24 @@ import torch
 
 from student_model_v2.anytext2.config import BUNDLED_TOKENIZER_DIR
 from student_model_v2.anytext2.text_encoder import load_tokenizer
-from student_model_v2.glyph_render import GlyphFont
-from student_model_v2.inference_inputs import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, InferenceInputError, load_image_file,
-                                               parse_color, parse_prompt, positions_from_mask)
-from student_model_v2.pipeline_anytext2 import (AnyText2Pipeline, LineStyle, SamplingOptions, TextRequest,
-                                                build_conditioning, mimic_style_crop)
+from student_model_v2.data.glyph_render import GlyphFont
+from student_model_v2.inference.inputs import (
+    DEFAULT_A_PROMPT,
+    DEFAULT_N_PROMPT,
+    InferenceInputError,
+    load_image_file,
+    parse_color,
+    parse_prompt,
+    positions_from_mask,
+)
+from student_model_v2.inference.pipeline import (
+    AnyText2Pipeline,
+    LineStyle,
+    SamplingOptions,
+    TextRequest,
+    build_conditioning,
+    mimic_style_crop,
+)
 
 from .conftest import TINY_YAML
 
@@ -99,7 +112,7 @@ def test_font_hint_and_debug_image_equal_upstreams_full_canvas_sums():
     """Both are accumulated without a full 3-channel canvas per line; the numbers must be upstream's: the font
     hint clip(sum of each line's white glyph render, 0, 1), the debug image each line's render x 255 with its
     polygon outlined, summed and clipped. Overlapping lines make the sums matter."""
-    from student_model_v2.glyph_render import colorize, render_glyphs
+    from student_model_v2.data.glyph_render import colorize, render_glyphs
 
     font_path = "font/NotoSansCJKsc-Regular-subset.otf"
     positions = [[4, 4, 60, 40], [[10, 20], [60, 16], [62, 50], [12, 58]]]
@@ -188,7 +201,7 @@ def test_mimic_font_replaces_the_style_crop_and_draws_no_font_hint():
 
 
 def test_hollow_font_punches_the_noise_texture_into_the_strokes(tmp_path):
-    from student_model_v2.pipeline_anytext2 import hollow_font_hint, load_hollow_noise
+    from student_model_v2.inference.pipeline import hollow_font_hint, load_hollow_noise
 
     strokes = np.zeros((64, 64))
     strokes[16:48, 16:48] = 255

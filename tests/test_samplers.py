@@ -7,11 +7,17 @@ import pytest
 import torch
 
 from student_model_v2.anytext2.schedule import make_schedule_buffers
-from student_model_v2.glyph_render import GlyphFont
-from student_model_v2.pipeline_anytext2 import TextRequest, build_conditioning
-from student_model_v2.samplers import (anytext2_ddim_timesteps, make_ddim_scheduler, make_lcm_scheduler,
-                                       repeat_conditions, sample_student_lcm, sample_teacher_ddim,
-                                       set_ddim_timesteps)
+from student_model_v2.data.glyph_render import GlyphFont
+from student_model_v2.distillation.samplers import (
+    anytext2_ddim_timesteps,
+    make_ddim_scheduler,
+    make_lcm_scheduler,
+    repeat_conditions,
+    sample_student_lcm,
+    sample_teacher_ddim,
+    set_ddim_timesteps,
+)
+from student_model_v2.inference.pipeline import TextRequest, build_conditioning
 
 ALPHAS = make_schedule_buffers(0.00085, 0.012, 1000)["alphas_cumprod"]
 LONG_PROMPT = "a weathered wooden shop sign hanging above a narrow street " * 6 + 'that reads "Hi", "Yo"'

@@ -17,10 +17,10 @@ from accelerate import Accelerator
 
 from student_model_v2 import launch_from_yaml
 from student_model_v2.anytext2.checkpoint import build_random_teacher
-from student_model_v2.dataset_anytext_v2 import MockAnyTextDataset, collate_fn
-from student_model_v2.lcm_utils_v2 import anytext2_alphas_cumprod
-from student_model_v2.training.conditioning import UncondCaptionCache
-from student_model_v2.training.lora import add_lora, load_lora
+from student_model_v2.data.dataset import MockAnyTextDataset, collate_fn
+from student_model_v2.distillation.conditioning import UncondCaptionCache
+from student_model_v2.distillation.lcm import anytext2_alphas_cumprod
+from student_model_v2.distillation.lora import add_lora, load_lora
 from student_model_v2.training.trainer import Denoisers, PassCounter, StudentForward, Trainer
 from tests.conftest import REPO_ROOT, TINY_YAML
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from student_model_v2.anytext2.checkpoint import build_random_teacher
+from student_model_v2.distillation.lora import adapters_disabled, add_lora, load_lora, lora_target_modules
 from student_model_v2.train_lcm_anytext_v2_4 import LCMObjective
 from student_model_v2.training import trainer as trainer_module
-from student_model_v2.training.lora import adapters_disabled, add_lora, load_lora, lora_target_modules
 from tests.conftest import REPO_ROOT, TINY_YAML
 from tests.test_teacher_model import _tiny_text_info
 

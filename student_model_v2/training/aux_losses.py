@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..losses import FocalFrequencyLoss, MaskedGradientLoss, text_mask_from_batch
+from ..distillation.losses import FocalFrequencyLoss, MaskedGradientLoss, text_mask_from_batch
 
 
 def add_aux_loss_arguments(parser: argparse.ArgumentParser, ffl_weight: float, grad_weight: float) -> None:

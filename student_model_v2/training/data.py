@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from ..dataset_anytext_v2 import AnyTextDataset, MockAnyTextDataset, collate_fn, make_splits
+from ..data.dataset import AnyTextDataset, MockAnyTextDataset, collate_fn, make_splits
 
 
 class EpochSampler(Sampler[int]):

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from ..anytext2.model import AnyText2Model
-from ..samplers import sample_student_lcm
-from .conditioning import encode_batch
+from ..distillation.conditioning import encode_batch
+from ..distillation.samplers import sample_student_lcm
 
 
 def slice_batch(batch: dict[str, Any], count: int) -> dict[str, Any]:

@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 from ..anytext2.checkpoint import DTYPES, RANDOM_INIT_BANNER, build_random_teacher, load_teacher
 from ..anytext2.model import AnyText2Model, Conditions, concat_conditions
 from ..anytext2.unet import set_gradient_checkpointing
-from ..lcm_utils_v2 import anytext2_alphas_cumprod
+from ..distillation.conditioning import EncodedBatch, UncondCaptionCache, encode_batch
+from ..distillation.lcm import anytext2_alphas_cumprod
+from ..distillation.lora import adapters_disabled, add_lora, load_lora
 from .args import build_parser
 from .checkpointing import latest_checkpoint, load_training_state, restore_rng_state, rng_state, save_checkpoint
-from .conditioning import EncodedBatch, UncondCaptionCache, encode_batch
 from .data import build_dataloaders
-from .lora import adapters_disabled, add_lora, load_lora
 from .previews import save_preview_grid
 
 logger = logging.getLogger("student_model_v2.train")

@@ -24,18 +24,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .anytext2.checkpoint import DTYPES
-from .anytext_record import TEXT_CAPTION_PHRASES, text_caption
-from .eval_prompts import EvalPrompt
-from .eval_report import write_json
-from .inference_inputs import InferenceInputError, append_prompt
+from ..anytext2.checkpoint import DTYPES
+from ..data.anytext_record import TEXT_CAPTION_PHRASES, text_caption
+from ..inference.inputs import InferenceInputError, append_prompt
+from .prompts import EvalPrompt
+from .report import write_json
 
 if TYPE_CHECKING:  # the pipeline (diffusers, samplers) is imported only when something is generated
-    from .pipeline_anytext2 import AnyText2Pipeline, TextRequest
+    from ..inference.pipeline import AnyText2Pipeline, TextRequest
 
 EVAL_TEXT_PHRASE = TEXT_CAPTION_PHRASES[0]
 """AnyText2's evaluation draws one of its six text-caption phrases at random; a fixed one keeps runs repeatable."""
@@ -66,7 +65,7 @@ class GenerationOptions:
 def prompt_request(prompt: EvalPrompt, options: GenerationOptions, font_path: Path) -> TextRequest:
     """The free-form request for a prompt: its texts quoted in order, one polygon each, the glyph
     font as every line's font hint (AnyText2's evaluation), colour unspecified."""
-    from .pipeline_anytext2 import LineStyle, TextRequest
+    from ..inference.pipeline import LineStyle, TextRequest
 
     return TextRequest(
         prompt=" ".join(f'"{line.text}"' for line in prompt.lines),
@@ -85,7 +84,7 @@ def generate_images(pipe: AnyText2Pipeline, prompt: EvalPrompt, spec: ModelSpec,
     the texts. Image k comes from call ``k // batch_size``, seeded with ``seed + k // batch_size``, so
     teacher and student share seeds; with batch_size = num_images (default) it is one call with ``seed``.
     """
-    from .pipeline_anytext2 import SamplingOptions
+    from ..inference.pipeline import SamplingOptions
 
     started = time.perf_counter()
     conditioning = pipe.prepare(prompt_request(prompt, options, pipe.glyph_font.path))
@@ -115,7 +114,7 @@ class ModelPool:
         self.lora_applied = False
 
     def pipeline(self, sampler: str) -> AnyText2Pipeline:
-        from .pipeline_anytext2 import AnyText2Pipeline
+        from ..inference.pipeline import AnyText2Pipeline
 
         if self.pipe is None:
             self.pipe = AnyText2Pipeline.from_pretrained(

@@ -42,26 +42,54 @@ import cv2
 import numpy as np
 import torch
 
-from .anytext2.model import AnyText2Model, TextInfo
-from .anytext2.ocr_preprocess import crop_image
-from .glyph_render import (COLOR_SENTINEL, DEFAULT_FONT_PATH, GLY_LINE_HEIGHT, GLY_LINE_WIDTH, FontError, GlyphFont,
-                           colorize, font_hint_base, render_gly_line, render_glyphs)
-from .inference_inputs import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, MAX_CHARS, PLACEHOLDER, InferenceInputError,
-                               Position, append_prompt, as_rgb_image, check_image_size, check_polygons_inside,
-                               find_polygon, parse_color, parse_prompt, polygons_from_spec, positions_from_mask,
-                               positions_from_polygons, prepare_edit_image, resize_mask, scrub_placeholders,
-                               validate_texts)
-from .inference_cache import BlankLatentCache, is_blank_masked_image
+from ..anytext2.config import REPO_ROOT
+from ..anytext2.model import AnyText2Model, TextInfo
+from ..anytext2.ocr_preprocess import crop_image
+from ..data.glyph_render import (
+    COLOR_SENTINEL,
+    DEFAULT_FONT_PATH,
+    GLY_LINE_HEIGHT,
+    GLY_LINE_WIDTH,
+    FontError,
+    GlyphFont,
+    colorize,
+    font_hint_base,
+    render_gly_line,
+    render_glyphs,
+)
+from ..distillation.conditioning import UncondCaptionCache
+from ..distillation.lora import adapters_disabled, load_lora
+from ..distillation.samplers import sample_student_lcm, sample_teacher_ddim
+from .cache import BlankLatentCache, is_blank_masked_image
+from .inputs import (
+    DEFAULT_A_PROMPT,
+    DEFAULT_N_PROMPT,
+    MAX_CHARS,
+    PLACEHOLDER,
+    InferenceInputError,
+    Position,
+    append_prompt,
+    as_rgb_image,
+    check_image_size,
+    check_polygons_inside,
+    find_polygon,
+    parse_color,
+    parse_prompt,
+    polygons_from_spec,
+    positions_from_mask,
+    positions_from_polygons,
+    prepare_edit_image,
+    resize_mask,
+    scrub_placeholders,
+    validate_texts,
+)
 from .model_swaps import ModelRecipe, load_swapped_teacher, normalise_swaps
 from .revise_position import revise_line_masks
-from .samplers import sample_student_lcm, sample_teacher_ddim
-from .training.conditioning import UncondCaptionCache
-from .training.lora import adapters_disabled, load_lora
 
 STUDENT_STEPS = 4
 TEACHER_STEPS = 20
 MAX_SEED = 99_999_999
-HOLLOW_NOISE_PATH = Path(__file__).resolve().parent.parent / "font" / "bg_noise.png"
+HOLLOW_NOISE_PATH = REPO_ROOT / "font" / "bg_noise.png"
 
 Sampler = Literal["student", "teacher"]
 

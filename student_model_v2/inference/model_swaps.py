@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .anytext2.checkpoint import OPTIONAL_KEYS, CheckpointError, build_random_teacher, load_teacher, read_state_dict
-from .anytext2.config import ConfigError
-from .anytext2.model import AnyText2Model
-from .inference_inputs import InferenceInputError
+from ..anytext2.checkpoint import OPTIONAL_KEYS, CheckpointError, build_random_teacher, load_teacher, read_state_dict
+from ..anytext2.config import ConfigError
+from ..anytext2.model import AnyText2Model
+from .inputs import InferenceInputError
 
 UNET_PREFIX = "model.diffusion_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."

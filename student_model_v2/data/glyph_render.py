@@ -32,7 +32,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from ..anytext2.config import REPO_ROOT
+
 DEFAULT_FONT_PATH = REPO_ROOT / "font" / "NotoSansCJKsc-Regular-subset.otf"
 
 GLY_LINE_HEIGHT = 80

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageColor, UnidentifiedImageError
 
-from .glyph_render import COLOR_SENTINEL, as_polygon, fill_polygon
+from ..data.glyph_render import COLOR_SENTINEL, as_polygon, fill_polygon
 
 PLACEHOLDER = "*"
 MAX_CHARS = 20

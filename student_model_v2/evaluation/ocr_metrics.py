@@ -33,7 +33,9 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-DICT_DIR = Path(__file__).resolve().parent.parent / "models_yaml" / "ocr_dicts"
+from ..anytext2.config import MODELS_YAML_DIR
+
+DICT_DIR = MODELS_YAML_DIR / "ocr_dicts"
 DICTIONARY_FILES = {"ch": "ppocr_keys_v1.txt", "en": "en_dict.txt"}
 
 

@@ -14,9 +14,9 @@ from collections import OrderedDict
 
 import torch
 
-from .anytext2.model import AnyText2Model
-from .anytext2.vae import DiagonalGaussian
-from .training.conditioning import weights_fingerprint
+from ..anytext2.model import AnyText2Model
+from ..anytext2.vae import DiagonalGaussian
+from ..distillation.conditioning import weights_fingerprint
 
 BLANK_PIXEL = -1.0
 

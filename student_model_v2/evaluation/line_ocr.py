@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .anytext2.ocr_preprocess import crop_image, rotate_if_tall
-from .glyph_render import fill_polygon
+from ..anytext2.ocr_preprocess import crop_image, rotate_if_tall
+from ..data.glyph_render import fill_polygon
 
 REC_MODEL_NAME = "ch_PP-OCRv4_rec_infer.onnx"
 

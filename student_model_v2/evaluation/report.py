@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .glyph_render import GlyphFont, colorize, render_glyphs
+from ..data.glyph_render import GlyphFont, colorize, render_glyphs
 
 MODEL_COLORS = ((70, 110, 190), (230, 140, 40), (80, 160, 90), (150, 90, 170))
 GRIDS_PER_FILE = 4

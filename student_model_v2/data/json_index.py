@@ -21,7 +21,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from ..anytext2.config import REPO_ROOT
+
 INDEX_VERSION = 1
 INDEX_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("wm", "<f4")])
 _CHUNK = 1 << 20

@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
-from .anytext2.model import AnyText2Model, Conditions, concat_conditions
+from ..anytext2.model import AnyText2Model, Conditions, concat_conditions
 
 NUM_TRAIN_TIMESTEPS = 1000
 

@@ -26,8 +26,17 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .glyph_render import (COLOR_SENTINEL, REPO_ROOT, GlyphFont, Patch, as_polygon, fill_polygon, font_hint_base,
-                           render_gly_line, render_glyphs)
+from .glyph_render import (
+    COLOR_SENTINEL,
+    REPO_ROOT,
+    GlyphFont,
+    Patch,
+    as_polygon,
+    fill_polygon,
+    font_hint_base,
+    render_gly_line,
+    render_glyphs,
+)
 
 logger = logging.getLogger(__name__)
 

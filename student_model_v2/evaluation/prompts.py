@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .anytext_record import PLACEHOLDER, find_image, image_roots, parse_annotations
-from .glyph_render import GlyphFont, clip_polygon, render_glyphs
-from .json_index import JsonIndex
+from ..data.anytext_record import PLACEHOLDER, find_image, image_roots, parse_annotations
+from ..data.glyph_render import GlyphFont, clip_polygon, render_glyphs
+from ..data.json_index import JsonIndex
 
 ASSUMED_FRAME = (512, 512)
 """Stored-image size assumed when the image is not available (the AnyText benchmark's images are 512x512)."""

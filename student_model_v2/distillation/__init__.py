@@ -1,0 +1,1 @@
+"""What the student is and how it samples: LoRA adapters, batch conditioning, LCM maths, losses, samplers."""

@@ -1,0 +1,1 @@
+"""Evaluation layer: benchmark prompts, generation, OCR metrics, reports, student-teacher latent gaps."""
