@@ -27,6 +27,7 @@ class LCMObjective(Objective):
     """Consistency distillation with the online student as target network (LCM-LoRA)."""
 
     name = "v2_4"
+    kind = "lcm"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:

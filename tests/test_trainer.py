@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from student_model_v2.anytext2.checkpoint import build_random_teacher
+from student_model_v2.distillation.adapter_info import AdapterInfo, AdapterInfoError
 from student_model_v2.distillation.lora import adapters_disabled, add_lora, load_lora, lora_target_modules
 from student_model_v2.train_lcm_anytext_v2_4 import LCMObjective
 from student_model_v2.training import trainer as trainer_module
@@ -77,6 +78,8 @@ def test_resume_continues_weights_and_data_order_exactly(tmp_path, monkeypatch):
     full, full_order = _run_in_process(monkeypatch, common + ["--output_dir", str(tmp_path / "full")])
     _, first_order = _run_in_process(monkeypatch, common + ["--output_dir", str(tmp_path / "split"), "--stop_after_steps", "2"])
     assert (tmp_path / "split" / "checkpoint-2" / "training_state.pt").is_file()
+    info = AdapterInfo.load(tmp_path / "split" / "checkpoint-2")
+    assert (info.version, info.objective, info.num_inference_steps) == ("v2_4", "lcm", 50)
     resumed, second_order = _run_in_process(
         monkeypatch, common + ["--output_dir", str(tmp_path / "split"), "--resume_path", "latest", "--resume_optimizer"])
     assert first_order + second_order == full_order
@@ -183,3 +186,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert len(calls) == 3, "with checkpointing the block runs again in backward"
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_adapter_info_round_trip_and_refusals(tmp_path):
+    info = AdapterInfo(version="v2_4", objective="lcm", num_inference_steps=50, lora_targets="official",
+                       lora_rank=8, lora_alpha=8.0)
+    info.save(tmp_path)
+    assert AdapterInfo.load(tmp_path) == info
+    assert AdapterInfo.load(tmp_path / "missing") is None
+    (tmp_path / "distillation.json").write_text('{"version": "v2_4"}')
+    with pytest.raises(AdapterInfoError, match="missing keys"):
+        AdapterInfo.load(tmp_path)
+    with pytest.raises(AdapterInfoError, match="num_phases"):
+        AdapterInfo(version="v2_5", objective="pcm", num_inference_steps=50, lora_targets="official",
+                    lora_rank=8, lora_alpha=8.0)

@@ -1,7 +1,8 @@
 """Checkpoint folders: a peft adapter plus everything needed to continue training exactly.
 
 ``checkpoint-<step>/`` (also ``checkpoint-epoch-<n>/`` and ``checkpoint-final/``) holds
-``adapter_config.json`` + ``adapter_model.safetensors`` (loadable with ``PeftModel.from_pretrained``)
+``adapter_config.json`` + ``adapter_model.safetensors`` (loadable with ``PeftModel.from_pretrained``),
+``distillation.json`` (objective, solver grid and LoRA targets: :mod:`..distillation.adapter_info`)
 and ``training_state.pt`` (optimizer, LR schedule, step, epoch, data position, RNG states of every
 rank). A folder is written under a temporary name and renamed when complete, so an interrupted save
 never leaves a checkpoint that looks whole.
@@ -19,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel
+
+from ..distillation.adapter_info import AdapterInfo
 
 STATE_FILE = "training_state.pt"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -46,13 +49,14 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, peft_model: PeftModel, training_state: dict[str, Any]) -> Path:
-    """Write adapter + state atomically into ``folder`` (replacing an older one of the same name)."""
+def save_checkpoint(folder: Path, peft_model: PeftModel, training_state: dict[str, Any], info: AdapterInfo) -> Path:
+    """Write adapter + its training info + state atomically into ``folder`` (replacing an older one)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     peft_model.save_pretrained(str(tmp))
+    info.save(tmp)
     torch.save(training_state, tmp / STATE_FILE)
     if folder.exists():
         old = folder.with_name(folder.name + ".old")

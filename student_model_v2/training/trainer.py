@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 from ..anytext2.checkpoint import DTYPES, RANDOM_INIT_BANNER, build_random_teacher, load_teacher
 from ..anytext2.model import AnyText2Model, Conditions, concat_conditions
 from ..anytext2.unet import set_gradient_checkpointing
+from ..distillation.adapter_info import AdapterInfo
+from ..distillation.adapter_info import Objective as AdapterObjective
 from ..distillation.conditioning import EncodedBatch, UncondCaptionCache, encode_batch
 from ..distillation.lcm import anytext2_alphas_cumprod
 from ..distillation.lora import adapters_disabled, add_lora, load_lora
@@ -215,6 +217,7 @@ class Objective(abc.ABC):
     """What a training version optimises; everything else is the shared trainer's."""
 
     name: str = "objective"
+    kind: AdapterObjective = "x0_regression"
     needs_uncond: bool = True
     passes: PassPlan = PassPlan()
 
@@ -225,6 +228,11 @@ class Objective(abc.ABC):
     def __init__(self, args: argparse.Namespace, alphas_cumprod: torch.Tensor) -> None:
         self.args = args
         self.alphas_cumprod = alphas_cumprod
+
+    def adapter_info(self) -> AdapterInfo:
+        """What the saved adapter was trained for (written as ``distillation.json`` in every checkpoint)."""
+        return AdapterInfo(version=self.name, objective=self.kind, num_inference_steps=self.args.num_inference_steps,
+                           lora_targets="attention", lora_rank=self.args.lora_rank, lora_alpha=self.args.lora_alpha)
 
     @abc.abstractmethod
     def compute_loss(self, denoisers: Denoisers, latents: torch.Tensor, batch: dict[str, Any],
@@ -431,7 +439,8 @@ class Trainer:
         state = self._training_state()
         folder = self.output_dir / name
         if self.accelerator.is_main_process:
-            save_checkpoint(folder, self.accelerator.unwrap_model(self.student).peft_model, state)
+            save_checkpoint(folder, self.accelerator.unwrap_model(self.student).peft_model, state,
+                            self.objective.adapter_info())
             logger.info("saved %s", folder)
         self.accelerator.wait_for_everyone()
         return folder
