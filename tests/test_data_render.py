@@ -17,6 +17,7 @@ from student_model_v2.data.glyph_render import (
     colorize,
     fill_polygon,
     font_hint_base,
+    glyph_font_size,
     line_geometry,
     occlude_font_hint,
     render_gly_line,
@@ -152,6 +153,34 @@ def test_glyph_scale_doubles_the_canvas(font):
     two = render_glyphs(font, "AB", poly, scale=2)
     assert _ink_inside(two, poly * 2, size=1024) > 0.98
     assert (two.data > 0).sum() > 3 * (one.data > 0).sum()
+
+
+def _upstream_glyph_size(font, text, long, short):
+    """Reference (spec of upstream ``draw_glyph2``): binary search for the largest size whose horizontal
+    bounding box fits ``long`` x ``short``, over sizes 1 .. int(short) - 1 (1 when none fits)."""
+    lo, hi, best = 1, int(short) - 1, 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        left, top, right, bottom = font.get(mid).getbbox(text)
+        if right - left <= long and bottom - top <= short:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def test_glyph_font_size_equals_upstream_on_random_boxes(font):
+    rng = np.random.default_rng(2024)
+    mismatches = []
+    for i in range(400):
+        short = float(rng.uniform(6.0, 90.0))  # non-integer box heights: where a ceil-based bound is 1 px too large
+        long = short * float(rng.uniform(1.0, 10.0))
+        pool = LATIN_WORDS if i % 2 else CHINESE_PHRASES
+        text = pool[int(rng.integers(len(pool)))]
+        got, want = glyph_font_size(font, text, long, short), _upstream_glyph_size(font, text, long, short)
+        if got != want:
+            mismatches.append((text, round(long, 2), round(short, 2), got, want))
+    assert not mismatches, mismatches[:10]
 
 
 def test_degenerate_box_raises(font):

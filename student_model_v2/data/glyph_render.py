@@ -265,6 +265,12 @@ def fit_font_size(font: GlyphFont, text: str, max_w: float, max_h: float, upper:
     return size
 
 
+def glyph_font_size(font: GlyphFont, text: str, long: float, short: float) -> int:
+    """Font size of a ``glyphs`` line in a ``long`` x ``short`` box: AnyText2's rule, the largest size
+    up to ``int(short) - 1`` at which the horizontal string fits the box (1 if none does)."""
+    return fit_font_size(font, text, long, short, max(1, int(short) - 1))
+
+
 def _spaced(text: str, count: int) -> str:
     return (" " * count).join(text)
 
@@ -306,8 +312,7 @@ def render_glyphs(font: GlyphFont, text: str, polygon: np.ndarray, *, scale: flo
     geom = line_geometry(as_polygon(polygon) * np.float32(scale), vert_ang)
     if geom.short < 1.0:
         raise ValueError(f"polygon box too small to hold text: {geom.long:.1f} x {geom.short:.1f} px")
-    upper = max(1, math.ceil(geom.short) - 1)
-    size = fit_font_size(font, text, geom.long, geom.short, upper)
+    size = glyph_font_size(font, text, geom.long, geom.short)
     face = font.get(size)
     if geom.vertical:
         return _render_vertical(face, text, geom, add_space)
