@@ -108,6 +108,24 @@ def test_unknown_config_key_fails_with_a_suggestion(tmp_path):
         load_model_config(path)
 
 
+@pytest.mark.parametrize("old, new, key", [
+    ("add_pos: true", "add_pos: false", "add_pos"),
+    ("add_style_ocr: true", "add_style_ocr: false", "add_style_ocr"),
+    ("add_color: true", "add_color: false", "add_color"),
+    ("\n        add_color: true", "", "add_color"),  # absent: upstream's default (false) would apply
+    ("img_concat_text: false", "img_concat_text: true", "img_concat_text"),
+    ("use_vision: false", "use_vision: true", "use_vision"),
+    ("enable_flag: false", "enable_flag: true", "enable_flag"),
+])
+def test_settings_the_model_ignores_are_refused_naming_the_key(tmp_path, old, new, key):
+    text = TINY_YAML.read_text()
+    assert text.count(old) == 1
+    path = tmp_path / "variant.yaml"
+    path.write_text(text.replace(old, new))
+    with pytest.raises(ConfigError, match=rf"params\.{key} is .*only the released AnyText2 setting {key}"):
+        load_model_config(path)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_precisions_run_and_stay_finite(dtype):
     model = build_random_teacher(TINY_YAML, dtype=dtype)

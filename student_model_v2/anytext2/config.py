@@ -63,6 +63,25 @@ _EMBEDDING_KEYS = {
 }
 
 
+# (released AnyText2 value, upstream constructor default used when the key is absent) of every setting whose other
+# values the model here does not implement: another value would be silently ignored, so it is refused.
+_EMBEDDING_RELEASED: dict[str, tuple[Any, Any]] = {
+    "emb_type": ("ocr", "ocr"),
+    "big_linear": (False, False),
+    "add_pos": (True, False),
+    "add_style_conv": (False, False),
+    "add_style_ocr": (True, False),
+    "add_color": (True, False),
+    "color_big_linear": (False, False),
+    "color_fourier_encode": (False, False),
+    "enable_flag": (False, True),
+}
+_COND_STAGE_RELEASED: dict[str, tuple[Any, Any]] = {
+    "use_vision": (False, False),
+    "img_concat_text": (False, False),
+}
+
+
 class ConfigError(ValueError):
     """A model YAML that this package cannot build faithfully."""
 
@@ -73,6 +92,16 @@ def _check_keys(section: dict[str, Any], allowed: set[str], where: str, path: Pa
             hint = difflib.get_close_matches(key, sorted(allowed), n=1)
             suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ConfigError(f"{path}: unknown key '{key}' in {where}{suggestion}")
+
+
+def _check_released(section: dict[str, Any], released: dict[str, tuple[Any, Any]], where: str, path: Path) -> None:
+    """Refuse, naming the key, a setting whose value (or upstream default when absent) is not the released one."""
+    for key, (value, default) in released.items():
+        got = section.get(key, default)
+        if got != value:
+            state = f"{got!r}" if key in section else f"absent (upstream default {default!r})"
+            raise ConfigError(f"{path}: {where}.{key} is {state}; only the released AnyText2 setting {key}: "
+                              f"{value!r} is implemented (another value would be silently ignored)")
 
 
 def _require(section: dict[str, Any], key: str, where: str, path: Path) -> Any:
@@ -170,9 +199,8 @@ def load_model_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: control_stage_config.params.fast_control must be true (the released AnyText2 setting)")
     if control.get("glyph_scale", 1) != 1:
         raise ConfigError(f"{path}: only glyph_scale 1 (the released AnyText2 setting) is supported")
-    if embedding.get("emb_type", "ocr") != "ocr" or embedding.get("big_linear") or embedding.get("add_style_conv") \
-            or embedding.get("color_big_linear") or embedding.get("color_fourier_encode") or embedding.get("enable_flag"):
-        raise ConfigError(f"{path}: embedding_manager_config differs from the released AnyText2 variant")
+    _check_released(embedding, _EMBEDDING_RELEASED, "embedding_manager_config.params", path)
+    _check_released(cond_stage, _COND_STAGE_RELEASED, "cond_stage_config.params", path)
     clip_text_config, tokenizer_dir = _resolve_clip(path, str(cond_stage.get("version", "")))
     return ModelConfig(
         path=path,
