@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
+import logging
+import struct
+import zlib
 from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
+from torch.utils.data import DataLoader
 
-from student_model_v2.data.dataset import AnyTextDataset
+from student_model_v2.data.dataset import AnyTextDataset, collate_fn
 from student_model_v2.data.json_index import DatasetFileError
 from tests.test_data_dataset import box, write_dataset
 
@@ -145,3 +150,65 @@ def test_start_up_errors_name_the_file(tmp_path):
         AnyTextDataset(hopeless, cache_dir=tmp_path / "index")
     with pytest.raises(FileNotFoundError, match="no_such_font.ttf"):
         AnyTextDataset(no_list, font_path=tmp_path / "no_such_font.ttf", cache_dir=tmp_path / "index")
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` (a few bytes of pixel data): a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def _hostile_corpus(tmp_path):
+    """A BOM-prefixed JSON whose first item is a 20000x20000-header image and two items carry a non-numeric
+    ``wm_score``; the rest are ordinary."""
+    rgb = Image.new("RGB", (R, R), (200, 200, 200))
+    items = [
+        _good("bomb.png"),
+        dict(_good("strscore.png"), wm_score="0.9"),
+        dict(_good("nullscore.png"), wm_score=None),
+        dict(_good("fine.png"), wm_score=0.7),
+        _good("plain.png"),
+    ]
+    images = {"bomb.png": _png_claiming(20000, 20000), "strscore.png": rgb, "nullscore.png": rgb,
+              "fine.png": rgb, "plain.png": rgb}
+    path = write_dataset(tmp_path, items, images)
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+    return path
+
+
+def test_hostile_corpus_is_counted_not_fatal(tmp_path, caplog):
+    path = _hostile_corpus(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ds = AnyTextDataset(path, resolution=R, seed=0, cache_dir=tmp_path / "index", mask_img_prob=0.0,
+                            wm_thresh=0.8)
+        assert len(ds) == 5, "the BOM is accepted; a non-numeric wm_score is not filtered by wm_thresh"
+        samples = [ds[i] for i in range(len(ds))]
+    total: Counter = Counter()
+    for s in samples:
+        total.update(s["data_issues"])
+    assert total["sample.image_too_large"] == 1
+    assert total["fix.bad_wm_score"] == 3, "per sample built: index 0 (the bomb) is replaced by strscore.png"
+    assert "bomb.png" in caplog.text and "400000000 pixels" in caplog.text
+    assert "non-numeric wm_score" in caplog.text and "data.json" in caplog.text
+    ids = [s["sample_id"] for s in samples]
+    assert "data.json:bomb.png" not in ids and ids[0] == "data.json:strscore.png"
+    captions = {s["sample_id"]: s["img_caption"] for s in samples}
+    assert "watermarks" not in captions["data.json:strscore.png"], "a bad score is treated as absent"
+    assert "with watermarks" in captions["data.json:fine.png"]
+
+
+def test_hostile_corpus_in_dataloader_workers(tmp_path):
+    path = _hostile_corpus(tmp_path)
+    ds = AnyTextDataset(path, resolution=R, seed=0, cache_dir=tmp_path / "index", mask_img_prob=0.0)
+    loader = DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate_fn)
+    total: Counter = Counter()
+    seen = []
+    for batch in loader:
+        total.update(batch["data_issues"])
+        seen += batch["sample_id"]
+    assert total["sample.image_too_large"] == 1 and total["fix.bad_wm_score"] == 3
+    assert len(seen) == 5 and "data.json:bomb.png" not in seen

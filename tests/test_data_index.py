@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import logging
 import os
 import pickle
 import tracemalloc
@@ -16,6 +18,7 @@ from student_model_v2.data.json_index import (
     expand_dataset_paths,
     split_indices,
     split_lengths,
+    wm_score,
 )
 
 
@@ -142,3 +145,37 @@ def test_split_is_deterministic_and_covers_everything():
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(1000))
     assert not np.array_equal(split_indices(1000, seed=2)["val"], a["val"])
+
+
+def test_byte_order_marks_are_accepted(tmp_path):
+    recs = _records(4)
+    path = _write(tmp_path / "bom.json", recs)
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+    ix = JsonIndex(path, cache_dir=tmp_path)
+    assert ix.data_root == "/data/imgs" and [ix[i] for i in range(4)] == recs, "offsets account for the BOM"
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(codecs.BOM_UTF8 + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode())
+    (tmp_path / "bom.meta.json").write_bytes(codecs.BOM_UTF8 + b'{"data_root": "imgs"}')
+    ix = JsonIndex(lines, cache_dir=tmp_path)
+    assert ix.data_root == "imgs" and [ix[i] for i in range(4)] == recs
+    listing = tmp_path / "bom.list"
+    listing.write_bytes(codecs.BOM_UTF8 + b"bom.json\n")
+    assert expand_dataset_paths([str(listing)]) == [path]
+
+
+def test_non_utf8_list_file_is_a_clear_error(tmp_path):
+    listing = tmp_path / "shards.list"
+    listing.write_bytes("données/a.json\n".encode("latin-1"))
+    with pytest.raises(DatasetFileError, match=r"shards\.list: dataset list file is not UTF-8 text \(byte 4"):
+        expand_dataset_paths([str(listing)])
+
+
+def test_non_numeric_wm_scores_are_counted_and_treated_as_absent(tmp_path, caplog):
+    recs = [{"img_name": "a", "wm_score": "0.9"}, {"img_name": "b", "wm_score": None},
+            {"img_name": "c", "wm_score": 0.9}, {"img_name": "d", "wm_score": True}, {"img_name": "e"}]
+    assert [wm_score(r) for r in recs] == [(None, True), (None, True), (0.9, False), (None, True), (None, False)]
+    path = _write(tmp_path / "wm.json", recs)
+    with caplog.at_level(logging.WARNING):
+        ix = JsonIndex(path, cache_dir=tmp_path, wm_thresh=0.5)
+    assert [ix[i]["img_name"] for i in range(len(ix))] == ["a", "b", "d", "e"], "only the numeric 0.9 is filtered"
+    assert "wm.json: 3 item(s) have a non-numeric wm_score" in caplog.text

@@ -118,7 +118,8 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
 def load_image(path: Path, resolution: int) -> tuple[np.ndarray, tuple[int, int]]:
     """The image as (resolution, resolution, 3) uint8 RGB plus its stored (width, height).
 
-    Raises SampleError('missing_image' | 'bad_image').
+    Raises SampleError('missing_image' | 'image_too_large' | 'bad_image'); 'image_too_large' is an image
+    whose header claims more pixels than Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``).
     """
     try:
         with Image.open(path) as img:
@@ -126,6 +127,8 @@ def load_image(path: Path, resolution: int) -> tuple[np.ndarray, tuple[int, int]
             rgb = _to_rgb(img)
     except FileNotFoundError as exc:
         raise SampleError("missing_image", f"image not found: {path}") from exc
+    except Image.DecompressionBombError as exc:
+        raise SampleError("image_too_large", f"image {path} is too large to decode safely: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise SampleError("bad_image", f"cannot decode image {path}: {exc}") from exc
     h0, w0 = rgb.shape[:2]

@@ -82,7 +82,14 @@ from .glyph_render import (
     render_position,
     sample_position_morph,
 )
-from .json_index import DEFAULT_SPLIT_RATIOS, DatasetFileError, JsonIndex, expand_dataset_paths, split_indices
+from .json_index import (
+    DEFAULT_SPLIT_RATIOS,
+    DatasetFileError,
+    JsonIndex,
+    expand_dataset_paths,
+    split_indices,
+    wm_score,
+)
 from .lmdb_glyph_cache import LineRenderCache
 from .synthetic import synth_sample
 
@@ -178,8 +185,10 @@ class SampleBuilder:
         raw_caption = record.get("caption")
         if raw_caption is not None and not isinstance(raw_caption, str):
             issues["fix.bad_caption"] += 1
-        caption = image_caption(raw_caption, record.get("wm_score"), rng, max_words=self.trunc_cap,
-                                cap_watermark=self.cap_watermark)
+        score, bad_score = wm_score(record)
+        if bad_score:
+            issues["fix.bad_wm_score"] += 1
+        caption = image_caption(raw_caption, score, rng, max_words=self.trunc_cap, cap_watermark=self.cap_watermark)
         parsed = parse_annotations(record.get("annotations"), image_size=image_size, resolution=R,
                                    max_chars=self.render_opts.max_chars, font=self.font, where=where)
         issues.update(parsed.issues)

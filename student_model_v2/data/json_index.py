@@ -14,6 +14,8 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,7 +25,9 @@ import numpy as np
 
 from ..anytext2.config import REPO_ROOT
 
-INDEX_VERSION = 1
+logger = logging.getLogger(__name__)
+
+INDEX_VERSION = 2
 INDEX_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("wm", "<f4")])
 _CHUNK = 1 << 20
 _MAX_VALUE_CHARS = 256 << 20  # a single item larger than this is treated as a syntax error
@@ -48,7 +52,10 @@ def default_cache_dir() -> Path:
 
 
 class _StreamReader:
-    """Character cursor over a UTF-8 file that also tracks the byte offset of the cursor."""
+    """Character cursor over a UTF-8 file that also tracks the byte offset of the cursor.
+
+    A UTF-8 byte-order mark at the start (Windows editors write one) is skipped.
+    """
 
     def __init__(self, fh) -> None:
         self._fh = fh
@@ -65,8 +72,12 @@ class _StreamReader:
             self.buf = self.buf[self.pos:]
             self.pos = 0
         data = self._fh.read(_CHUNK)
+        at_start = self.byte == 0 and not self.buf
         self.eof = not data
         self.buf += self._decoder.decode(data, final=self.eof)
+        if at_start and self.buf.startswith("\ufeff"):
+            self.pos = 1
+            self.byte = len(codecs.BOM_UTF8)
         return True
 
     def peek(self) -> str:
@@ -180,19 +191,28 @@ def _scan_jsonl(path: Path) -> Iterator[tuple[dict, int, int]]:
         for lineno, line in enumerate(fh, 1):
             if line.strip():
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
+                    record = json.loads(line)  # bytes: a BOM on the first line is accepted
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise DatasetFileError(f"{path}:{lineno}: invalid JSON line: {exc}") from exc
                 yield record, offset, len(line)
             offset += len(line)
 
 
-def _wm_score(record: object) -> float:
-    if isinstance(record, dict):
-        score = record.get("wm_score")
-        if isinstance(score, (int, float)) and not isinstance(score, bool):
-            return float(score)
-    return float("nan")
+def wm_score(record: object) -> tuple[float | None, bool]:
+    """(the record's ``wm_score``, whether it is malformed). Documented rule: a score that is not a finite
+    number (a string, null, a bool, NaN) is malformed and treated as absent — the item is kept, not
+    filtered, and gets no watermark caption tag — and counted (``fix.bad_wm_score`` per sample)."""
+    if not isinstance(record, dict) or "wm_score" not in record:
+        return None, False
+    score = record["wm_score"]
+    if isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score):
+        return float(score), False
+    return None, True
+
+
+def _index_wm(record: object) -> float:
+    score, _ = wm_score(record)
+    return float("nan") if score is None else score
 
 
 def _atomic_write(target: Path, write) -> None:
@@ -228,6 +248,9 @@ class JsonIndex:
         self._index_file = cache / f"{self.path.name}.{digest}.idx.npy"
         self._meta_file = cache / f"{self.path.name}.{digest}.meta.json"
         meta = self._load_or_build()
+        if meta.get("bad_wm_score"):
+            logger.warning("%s: %d item(s) have a non-numeric wm_score; they are kept and treated as having no "
+                           "score (counted as fix.bad_wm_score)", self.path, meta["bad_wm_score"])
         self.data_root: str = meta["data_root"]
         self.total = int(meta["count"])
         self._open_arrays()
@@ -254,12 +277,21 @@ class JsonIndex:
             items = _scan_jsonl(self.path)
         else:
             header, items = scan_json(self.path)
-        table = np.fromiter(((offset, length, _wm_score(record)) for record, offset, length in items), INDEX_DTYPE)
+        bad_wm = 0
+
+        def rows() -> Iterator[tuple[int, int, float]]:
+            nonlocal bad_wm
+            for record, offset, length in items:
+                bad_wm += wm_score(record)[1]
+                yield offset, length, _index_wm(record)
+
+        table = np.fromiter(rows(), INDEX_DTYPE)
         data_root = header.get("data_root", "")
         if not isinstance(data_root, str):
             raise DatasetFileError(f"{self.path}: 'data_root' must be a string, got {type(data_root).__name__}")
         _atomic_write(self._index_file, lambda fh: np.save(fh, table, allow_pickle=False))
-        meta = dict(stamp, data_root=data_root, count=len(table), index_bytes=self._index_file.stat().st_size)
+        meta = dict(stamp, data_root=data_root, count=len(table), bad_wm_score=bad_wm,
+                    index_bytes=self._index_file.stat().st_size)
         _atomic_write(self._meta_file, lambda fh: fh.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
         return meta
 
@@ -268,8 +300,8 @@ class JsonIndex:
         if not sidecar.is_file():
             raise DatasetFileError(f"{self.path}: a .jsonl dataset needs {sidecar.name} with its data_root")
         try:
-            header = json.loads(sidecar.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+            header = json.loads(sidecar.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DatasetFileError(f"{sidecar}: invalid JSON: {exc}") from exc
         if not isinstance(header, dict):
             raise DatasetFileError(f"{sidecar}: expected an object with 'data_root', got {type(header).__name__}")
@@ -311,7 +343,7 @@ class JsonIndex:
         raw = self._fh.read(int(length))
         try:
             record = json.loads(raw)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DatasetFileError(f"{self.path}: item {i} at byte {int(offset)} is not valid JSON "
                                    f"(file changed after indexing?): {exc}") from exc
         return record
@@ -337,7 +369,12 @@ def expand_dataset_paths(specs: Sequence[str | os.PathLike[str]], base: Path = R
                     raise DatasetFileError(f"{p}: list files nested too deeply")
                 if not p.is_file():
                     raise FileNotFoundError(f"dataset list file not found: {p}")
-                for line in p.read_text(encoding="utf-8").splitlines():
+                try:
+                    text = p.read_text(encoding="utf-8-sig")
+                except UnicodeDecodeError as exc:
+                    raise DatasetFileError(f"{p}: dataset list file is not UTF-8 text (byte {exc.start}: "
+                                           f"{exc.reason}); save it as UTF-8") from exc
+                for line in text.splitlines():
                     line = line.split("#", 1)[0].strip()
                     if line:
                         add(line, p.parent, depth + 1)
