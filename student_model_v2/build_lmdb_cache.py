@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--max_chars", type=int, default=20)
     parser.add_argument("--font_path", default=str(DEFAULT_FONT_PATH))
+    parser.add_argument("--font_dir", default=None,
+                        help="folder of fonts: each line drawn in one that covers it (as the dataset's --font_dir)")
     parser.add_argument("--glyph_scale", type=float, default=1.0)
     parser.add_argument("--vert_ang", type=float, default=10.0)
     parser.add_argument("--add_space", action=argparse.BooleanOptionalAction, default=True,
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = RenderOptions(resolution=args.resolution, max_chars=args.max_chars, glyph_scale=args.glyph_scale,
                          vert_ang=args.vert_ang, add_space=args.add_space)
-    meta = build_cache(args.dataset_json, args.output_lmdb, opts=opts, font_path=args.font_path,
+    meta = build_cache(args.dataset_json, args.output_lmdb, opts=opts, font_path=args.font_path, font_dir=args.font_dir,
                        num_workers=args.num_workers, commit_interval=args.commit_interval,
                        map_size_gb=args.map_size_gb, overwrite=args.overwrite, wm_thresh=args.wm_thresh,
                        cache_dir=args.cache_dir, limit=args.limit, progress=sys.stderr.isatty())

@@ -262,7 +262,7 @@ def test_dataloader_workers_collate_and_issue_counts(tmp_path, index_dir):
 def test_mock_dataset_has_the_same_contract():
     ds = MockAnyTextDataset(size=3, resolution=256, seed=0)
     real_keys = {"img", "masked_img", "hint", "font_hint", "inv_mask", "glyphs", "gly_line", "positions", "color",
-                 "texts", "language", "n_lines", "img_caption", "text_caption", "sample_id", "data_issues"}
+                 "texts", "language", "fonts", "n_lines", "img_caption", "text_caption", "sample_id", "data_issues"}
     for i in range(3):
         s = ds[i]
         assert set(s) == real_keys

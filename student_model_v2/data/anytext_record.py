@@ -29,8 +29,10 @@ from PIL import Image, UnidentifiedImageError
 from .glyph_render import (
     COLOR_SENTINEL,
     REPO_ROOT,
+    FontSet,
     GlyphFont,
     Patch,
+    as_font_set,
     as_polygon,
     fill_polygon,
     font_hint_base,
@@ -249,13 +251,15 @@ def parse_color(value: object) -> tuple[tuple[int, int, int], bool]:
 
 @dataclass(frozen=True, eq=False)
 class LineAnn:
-    """One usable text line: polygon in the resolution frame, text already cut to max_chars."""
+    """One usable text line: polygon in the resolution frame, text already cut to max_chars, and the font
+    it is drawn in (None only for the blank stand-in line)."""
 
     ann_index: int
     polygon: np.ndarray
     text: str
     language: str
     color: tuple[int, int, int]
+    font: GlyphFont | None = None
 
 
 @dataclass
@@ -266,27 +270,37 @@ class ParsedAnnotations:
     issues: Counter = field(default_factory=Counter)
 
 
-_warned_missing = 0
+_warned: Counter = Counter()
 
 
-def _warn_missing(text: str, missing: list[str], where: str) -> None:
-    global _warned_missing
-    _warned_missing += 1
-    if _warned_missing <= 20:
-        logger.warning("%s: skipping line %r: the font lacks %s%s", where, text, "".join(missing),
-                       " (further warnings suppressed, see the line.missing_glyphs counter)"
-                       if _warned_missing == 20 else "")
+def _warn_skip(counter: str, where: str, text: str, reason: str) -> None:
+    """Log the first 20 skips of each kind per process; the counters keep the full count."""
+    _warned[counter] += 1
+    if _warned[counter] <= 20:
+        logger.warning("%s: skipping line %r: %s%s", where, text, reason,
+                       f" (further warnings suppressed, see the {counter} counter)" if _warned[counter] == 20 else "")
+
+
+def _missing_reason(fonts: FontSet, text: str) -> str:
+    if len(fonts) == 1:
+        return f"the font {fonts.primary.path.name} lacks {''.join(fonts.primary.missing_chars(text))}"
+    return f"no font in {fonts.path} has all of its characters"
 
 
 def parse_annotations(annotations: object, *, image_size: tuple[int, int], resolution: int, max_chars: int,
-                      font: GlyphFont, where: str = "") -> ParsedAnnotations:
+                      font: GlyphFont | FontSet, where: str = "", record_key: str = "") -> ParsedAnnotations:
     """Usable lines of a record, in JSON order, with every problem counted in ``issues``.
+
+    Each line gets its font from the set (:meth:`FontSet.choose`, keyed by ``record_key`` and the
+    annotation index, so pass :func:`record_cache_key` for reproducible choices with several fonts).
 
     Counters: ``line.bad_annotation``, ``line.bad_polygon`` (not >= 3 finite points),
     ``line.degenerate_polygon`` (no area), ``line.polygon_outside`` (less than half of it inside the image),
-    ``line.empty_text``, ``line.missing_glyphs``; and non-skipping fixes ``fix.text_truncated``,
+    ``line.empty_text``, ``line.missing_glyphs`` (no font has all its characters), ``line.complex_script``
+    (needs shaping and Pillow has no RAQM layout); and non-skipping fixes ``fix.text_truncated``,
     ``fix.unknown_language``, ``fix.bad_color``. Content-skipped lines keep their area out of the loss.
     """
+    fonts = as_font_set(font)
     out = ParsedAnnotations()
     if annotations is None:
         return out
@@ -322,13 +336,18 @@ def parse_annotations(annotations: object, *, image_size: tuple[int, int], resol
         if len(text) > max_chars:
             out.issues["fix.text_truncated"] += 1
             text = text[:max_chars]
-        missing = font.missing_chars(text)
-        if missing:
+        line_font = fonts.choose(text, f"{record_key}:{j}")
+        if line_font is None:
             out.issues["line.missing_glyphs"] += 1
-            _warn_missing(text, missing, where)
+            _warn_skip("line.missing_glyphs", where, text, _missing_reason(fonts, text))
             out.ignore_polygons.append(polygon)
             continue
-        if not font.has_ink(text):
+        if not line_font.can_layout(text):
+            out.issues["line.complex_script"] += 1
+            _warn_skip("line.complex_script", where, text, "complex script and Pillow has no RAQM layout (libraqm)")
+            out.ignore_polygons.append(polygon)
+            continue
+        if not line_font.has_ink(text):
             out.issues["line.empty_text"] += 1
             out.ignore_polygons.append(polygon)
             continue
@@ -338,7 +357,7 @@ def parse_annotations(annotations: object, *, image_size: tuple[int, int], resol
         color, bad_color = parse_color(ann.get("color"))
         if bad_color:
             out.issues["fix.bad_color"] += 1
-        out.lines.append(LineAnn(j, polygon, text, language, color))
+        out.lines.append(LineAnn(j, polygon, text, language, color, line_font))
     return out
 
 
@@ -372,16 +391,18 @@ class LineRender:
     hint_base: Patch
 
 
-def render_line_text(font: GlyphFont, line: LineAnn, opts: RenderOptions) -> tuple[Patch, np.ndarray]:
-    """(glyph coverage in the glyph canvas frame, OCR strip) of one line."""
-    glyph = render_glyphs(font, line.text, line.polygon, scale=opts.glyph_scale, vert_ang=opts.vert_ang,
+def render_line_text(line: LineAnn, opts: RenderOptions) -> tuple[Patch, np.ndarray]:
+    """(glyph coverage in the glyph canvas frame, OCR strip) of one line, in the line's font."""
+    if line.font is None:
+        raise ValueError(f"line {line.text!r} has no font (the blank stand-in line is not rendered)")
+    glyph = render_glyphs(line.font, line.text, line.polygon, scale=opts.glyph_scale, vert_ang=opts.vert_ang,
                           add_space=opts.add_space)
-    return glyph, render_gly_line(font, line.text)
+    return glyph, render_gly_line(line.font, line.text)
 
 
-def render_line(font: GlyphFont, line: LineAnn, image: np.ndarray, opts: RenderOptions) -> LineRender:
+def render_line(line: LineAnn, image: np.ndarray, opts: RenderOptions) -> LineRender:
     """Everything the cache stores for a line (the online path calls the same functions)."""
-    glyph, strip = render_line_text(font, line, opts)
+    glyph, strip = render_line_text(line, opts)
     return LineRender(glyph=glyph, gly_line=strip, hint_base=font_hint_base(image, line.polygon))
 
 

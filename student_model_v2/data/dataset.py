@@ -16,6 +16,7 @@ positions       L x float32 [1,H,W] {0,1}               L x [B,1,H,W]
 color           L x float32 [3] = RGB/255 (500/255 =    L x [B,3]
                 "no colour")
 texts, language L x str (padding ' ')                   L x list[B] of str  (indexed [line][sample])
+fonts           L x str, font file per line (padding '') L x list[B] of str  (debugging: which font drew it)
 n_lines         int                                     int64 [B]
 img_caption,    str                                     list[B] of str
 text_caption
@@ -70,9 +71,11 @@ from .glyph_render import (
     DEFAULT_FONT_PATH,
     GLY_LINE_HEIGHT,
     GLY_LINE_WIDTH,
+    FontSet,
     GlyphFont,
     HintAugment,
     Patch,
+    as_font_set,
     colorize,
     empty_patch,
     fill_polygon,
@@ -97,7 +100,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_TENSOR_KEYS = ("img", "masked_img", "hint", "font_hint", "inv_mask")
 LINE_TENSOR_KEYS = ("glyphs", "gly_line", "positions", "color")
-LINE_STR_KEYS = ("texts", "language")
+LINE_STR_KEYS = ("texts", "language", "fonts")
 STR_KEYS = ("img_caption", "text_caption", "sample_id")
 
 
@@ -117,7 +120,8 @@ class SampleBuilder:
     """
 
     def __init__(self, *, resolution: int = 512, max_lines: int = 5, max_chars: int = 20,
-                 font_path: str | os.PathLike[str] = DEFAULT_FONT_PATH, glyph_scale: float = 1.0,
+                 font_path: str | os.PathLike[str] = DEFAULT_FONT_PATH,
+                 font_dir: str | os.PathLike[str] | None = None, glyph_scale: float = 1.0,
                  vert_ang: float = 10.0, add_space: bool = True, mask_img_prob: float = 0.5,
                  mask_pos_prob: float = 1.0, font_hint_prob: float = 0.8,
                  font_hint_area: Sequence[float] = (0.7, 1.0), font_hint_randaug: bool = True,
@@ -136,7 +140,9 @@ class SampleBuilder:
             raise ValueError(f"font_hint_area must satisfy 0 <= lo <= hi <= 1, got {tuple(font_hint_area)}")
         if not caption_phrases or any("*" in p for p in caption_phrases):
             raise ValueError("caption_phrases must be non-empty and must not contain the '*' placeholder")
-        self.font = GlyphFont(font_path)
+        self.font = GlyphFont(font_path)  # also draws the mock dataset's synthetic images
+        # what lines are rendered in: font_dir's fonts (a covering one chosen per line), else font_path's
+        self.fonts = FontSet.load(font_dir=font_dir) if font_dir is not None else as_font_set(self.font)
         self.render_opts = RenderOptions(resolution=resolution, max_chars=max_chars, glyph_scale=float(glyph_scale),
                                          vert_ang=float(vert_ang), add_space=bool(add_space))
         self.resolution = resolution
@@ -151,7 +157,7 @@ class SampleBuilder:
         self.trunc_cap = trunc_cap
         self.cap_watermark = cap_watermark
         self.caption_phrases = tuple(caption_phrases)
-        self.cache = LineRenderCache(lmdb_path, self.render_opts, self.font) if lmdb_path else None
+        self.cache = LineRenderCache(lmdb_path, self.render_opts, self.fonts) if lmdb_path else None
 
     def _line_render(self, line: LineAnn, cached: dict[int, LineRender] | None,
                      issues: Counter) -> tuple[Patch, np.ndarray, Patch | None]:
@@ -161,13 +167,13 @@ class SampleBuilder:
             if hit is not None:
                 return hit.glyph, hit.gly_line, hit.hint_base
             issues["cache.miss_line"] += 1
-        glyph, strip = render_line_text(self.font, line, self.render_opts)
+        glyph, strip = render_line_text(line, self.render_opts)
         return glyph, strip, None
 
-    def _cached_renders(self, record: dict, image_size: tuple[int, int], issues: Counter) -> dict | None:
+    def _cached_renders(self, key: str, image_size: tuple[int, int], issues: Counter) -> dict | None:
         if self.cache is None:
             return None
-        entry = self.cache.get(record_cache_key(record))
+        entry = self.cache.get(key)
         if entry is None:
             issues["cache.miss"] += 1
             return None
@@ -189,8 +195,9 @@ class SampleBuilder:
         if bad_score:
             issues["fix.bad_wm_score"] += 1
         caption = image_caption(raw_caption, score, rng, max_words=self.trunc_cap, cap_watermark=self.cap_watermark)
+        key = record_cache_key(record)
         parsed = parse_annotations(record.get("annotations"), image_size=image_size, resolution=R,
-                                   max_chars=self.render_opts.max_chars, font=self.font, where=where)
+                                   max_chars=self.render_opts.max_chars, font=self.fonts, where=where, record_key=key)
         issues.update(parsed.issues)
         lines, ignore = parsed.lines, list(parsed.ignore_polygons)
         if len(lines) > L:
@@ -204,7 +211,7 @@ class SampleBuilder:
         phrase = self.caption_phrases[int(rng.integers(len(self.caption_phrases)))]
 
         G = self.glyph_size
-        cached = self._cached_renders(record, image_size, issues) if lines else None
+        cached = self._cached_renders(key, image_size, issues) if lines else None
         rendered: list[_RenderedLine] = []
         for line, color in zip(lines, colors):
             glyph, strip, hint_base = self._line_render(line, cached, issues)
@@ -266,6 +273,7 @@ class SampleBuilder:
             + [torch.from_numpy(np.full(3, COLOR_SENTINEL / 255.0, np.float32)) for _ in range(pad)],
             "texts": [r.line.text for r in rendered] + [" "] * pad,
             "language": [r.line.language for r in rendered] + [" "] * pad,
+            "fonts": [r.line.font.path.name if r.line.font is not None else "" for r in rendered] + [""] * pad,
             "n_lines": n,
             "img_caption": caption,
             "text_caption": text_caption(n, phrase),

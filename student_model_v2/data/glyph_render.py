@@ -14,6 +14,11 @@ Why things are shaped the way they are:
   ``minAreaRect`` angle convention.
 * A character the font lacks is reported by :meth:`GlyphFont.missing_chars`; callers must skip such
   lines instead of rendering empty boxes.
+* Text is laid out with Pillow's RAQM engine (HarfBuzz shaping, bidi, kerning — what upstream's Pillow
+  used) when this Pillow has libraqm, detected once per process; otherwise with BASIC, which cannot
+  shape complex scripts, so :meth:`GlyphFont.can_layout` refuses those lines rather than drawing them
+  unshaped and reversed.
+* :class:`FontSet` is the font (or folder of fonts, upstream's ``rand_font``) lines are drawn in.
 
 Coordinates are pixels in the canvas being drawn (x right, y down). Angles are degrees,
 counter-clockwise as seen on screen, as in ``PIL.Image.rotate``.
@@ -21,20 +26,28 @@ counter-clockwise as seen on screen, as in ``PIL.Image.rotate``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import logging
 import math
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 
 from ..anytext2.config import REPO_ROOT
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_FONT_PATH = REPO_ROOT / "font" / "NotoSansCJKsc-Regular-subset.otf"
+FONT_SUFFIXES = (".ttf", ".otf", ".ttc", ".otc")
+LAYOUTS = {"raqm": ImageFont.Layout.RAQM, "basic": ImageFont.Layout.BASIC}
 
 GLY_LINE_HEIGHT = 80
 GLY_LINE_WIDTH = 512
@@ -47,23 +60,66 @@ _NOTDEF_PROBE = "\U0010fffd"  # plane-16 private use: no real font maps it, so i
 
 
 class FontError(RuntimeError):
-    """A font file that exists but cannot be used (empty, unknown format)."""
+    """A font file that exists but cannot be used (empty, unknown format), or a font folder without fonts."""
+
+
+@functools.lru_cache(maxsize=None)
+def detect_layout() -> str:
+    """``"raqm"`` when this Pillow has libraqm, else ``"basic"``; checked once per process and reported once."""
+    if features.check("raqm"):
+        logger.info("glyph layout: RAQM (libraqm %s): complex scripts are shaped, Latin is kerned as upstream",
+                    features.version("raqm"))
+        return "raqm"
+    logger.warning("glyph layout: BASIC (this Pillow has no libraqm): lines in complex scripts (Arabic, Hebrew, "
+                   "Indic, Thai, ...) are skipped and counted as line.complex_script; install libraqm for them")
+    return "basic"
+
+
+# Scripts whose letters change shape with their neighbours, reorder, or stack marks: BASIC layout garbles them.
+_COMPLEX_RANGES = (
+    (0x0590, 0x08FF),  # Hebrew, Arabic, Syriac, Arabic Supplement, Thaana, NKo, Samaritan, Mandaic, Arabic Ext.
+    (0x0900, 0x0DFF),  # Devanagari, Bengali, Gurmukhi, Gujarati, Oriya, Tamil, Telugu, Kannada, Malayalam, Sinhala
+    (0x0E00, 0x0FFF),  # Thai, Lao, Tibetan
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x18AF),  # Khmer, Mongolian
+    (0xA8E0, 0xA8FF),  # Devanagari Extended
+    (0xFB1D, 0xFDFF),  # Hebrew and Arabic presentation forms
+    (0xFE70, 0xFEFF),  # Arabic presentation forms B
+)
+
+
+def needs_shaping(text: str) -> bool:
+    """True when ``text`` has a character of a complex script (by Unicode block, or a right-to-left bidi class)."""
+    for ch in text:
+        code = ord(ch)
+        if any(lo <= code <= hi for lo, hi in _COMPLEX_RANGES):
+            return True
+        if unicodedata.bidirectional(ch) in ("R", "AL"):
+            return True
+    return False
 
 
 class GlyphFont:
     """One font file, loaded lazily once per process, with a FreeType face cached per size.
 
-    Pickling keeps only the path, so DataLoader workers reopen the font on first use instead of
-    sharing FreeType state across processes.
+    Pickling keeps only the path and layout, so DataLoader workers reopen the font on first use instead of
+    sharing FreeType state across processes. ``layout`` is ``"raqm"`` or ``"basic"``; None takes
+    :func:`detect_layout` (tests force ``"basic"`` to exercise a Pillow without libraqm).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], layout: str | None = None) -> None:
         resolved = resolve_font_path(path)
         if not resolved.is_file():
             raise FileNotFoundError(f"font file not found: {resolved} (given as {str(path)!r})")
         if resolved.stat().st_size == 0:
             raise FontError(f"font file is empty (0 bytes): {resolved}")
+        layout = detect_layout() if layout is None else layout
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+        if layout == "raqm" and not features.check("raqm"):
+            raise FontError("RAQM layout requested but this Pillow has no libraqm")
         self.path = resolved
+        self.layout = layout
         self._reset()
         self.get(_REF_SIZE)
 
@@ -75,10 +131,11 @@ class GlyphFont:
         self._sha1: str | None = None
 
     def __getstate__(self) -> dict:
-        return {"path": self.path}
+        return {"path": self.path, "layout": self.layout}
 
     def __setstate__(self, state: dict) -> None:
         self.path = state["path"]
+        self.layout = state["layout"]
         self._reset()
 
     def get(self, size: int) -> ImageFont.FreeTypeFont:
@@ -89,7 +146,7 @@ class GlyphFont:
         face = self._faces.get(size)
         if face is None:
             try:
-                face = ImageFont.truetype(str(self.path), size, layout_engine=ImageFont.Layout.BASIC)
+                face = ImageFont.truetype(str(self.path), size, layout_engine=LAYOUTS[self.layout])
             except OSError as exc:
                 raise FontError(f"cannot load font {self.path} at size {size}: {exc}") from exc
             self._faces[size] = face
@@ -127,6 +184,82 @@ class GlyphFont:
     def missing_chars(self, text: str) -> list[str]:
         """Characters of ``text`` the font cannot draw, in first-occurrence order."""
         return [ch for ch in dict.fromkeys(text) if not self.has_char(ch)]
+
+    def can_layout(self, text: str) -> bool:
+        """False when ``text`` needs shaping (complex script) and this font lays out with BASIC."""
+        return self.layout == "raqm" or not needs_shaping(text)
+
+
+class FontSet:
+    """The fonts text lines are drawn in: one font (the default) or every font file in a folder.
+
+    With several fonts each line gets one chosen among the fonts that have all its characters —
+    upstream's ``rand_font``. The choice is a hash of (``key``, text), where the caller's key names the
+    line (record content + annotation index), so it is reproducible, the same in every worker, rank and
+    epoch, and the same in the LMDB build and the online path (a cached render matches the online one).
+    """
+
+    def __init__(self, fonts: Sequence[GlyphFont], source: Path) -> None:
+        if not fonts:
+            raise FontError(f"no font files ({', '.join(FONT_SUFFIXES)}) in {source}")
+        layouts = {f.layout for f in fonts}
+        if len(layouts) != 1:
+            raise ValueError(f"fonts of one set must share a layout, got {sorted(layouts)}")
+        self.fonts = tuple(sorted(fonts, key=lambda f: f.path.name))
+        self.path = source
+        self.layout = layouts.pop()
+
+    @classmethod
+    def load(cls, font_path: str | os.PathLike[str] = DEFAULT_FONT_PATH,
+             font_dir: str | os.PathLike[str] | None = None, layout: str | None = None) -> "FontSet":
+        """Every font of ``font_dir`` when given (``font_path`` is then unused), else the one ``font_path``.
+
+        A folder's font that cannot be opened (empty, not a font) is an error naming it, not a silent gap.
+        """
+        if font_dir is None:
+            font = GlyphFont(font_path, layout)
+            return cls([font], font.path)
+        folder = resolve_font_path(font_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"font folder not found: {folder} (given as {str(font_dir)!r})")
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FONT_SUFFIXES)
+        return cls([GlyphFont(p, layout) for p in files], folder)
+
+    @property
+    def primary(self) -> GlyphFont:
+        return self.fonts[0]
+
+    def __len__(self) -> int:
+        return len(self.fonts)
+
+    def covering(self, text: str) -> list[GlyphFont]:
+        """Fonts that have every character of ``text``, in name order."""
+        return [f for f in self.fonts if not f.missing_chars(text)]
+
+    def choose(self, text: str, key: str) -> GlyphFont | None:
+        """The font line ``key`` with ``text`` is drawn in; None when no font of the set covers the text."""
+        candidates = self.covering(text)
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        digest = hashlib.sha1(f"{key}\x00{text}".encode("utf-8")).digest()
+        return candidates[int.from_bytes(digest[:8], "little") % len(candidates)]
+
+    def manifest(self) -> list[dict[str, str]]:
+        """Name and content sha1 of every font (recorded in the LMDB meta)."""
+        return [{"name": f.path.name, "sha1": f.sha1} for f in self.fonts]
+
+    @property
+    def sha1(self) -> str:
+        """Identifies the set across machines and paths: the font's content hash for one font, else a hash
+        of the manifest (names and content hashes)."""
+        if len(self.fonts) == 1:
+            return self.fonts[0].sha1
+        return hashlib.sha1(json.dumps(self.manifest(), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def as_font_set(font: "GlyphFont | FontSet") -> FontSet:
+    """``font`` as a :class:`FontSet` (a single font becomes a one-font set)."""
+    return font if isinstance(font, FontSet) else FontSet([font], font.path)
 
 
 def resolve_font_path(path: str | os.PathLike[str]) -> Path:

@@ -30,21 +30,21 @@ from .anytext_record import (
     record_cache_key,
     render_line,
 )
-from .glyph_render import GlyphFont
+from .glyph_render import FontSet
 from .json_index import JsonIndex, expand_dataset_paths, repo_path
 from .lmdb_glyph_cache import META_KEY, build_meta, close_shared_reader, encode_record, meta_mismatches, read_meta
 
 logger = logging.getLogger(__name__)
 _LMDB_FILES = ("data.mdb", "lock.mdb")
 
-_worker_font: GlyphFont | None = None
+_worker_font: FontSet | None = None
 _worker_opts: RenderOptions | None = None
 
 
-def _init_worker(font_path: str, opts: RenderOptions) -> None:
+def _init_worker(fonts: FontSet, opts: RenderOptions) -> None:
     global _worker_font, _worker_opts
     cv2.setNumThreads(1)
-    _worker_font = GlyphFont(font_path)
+    _worker_font = fonts
     _worker_opts = opts
 
 
@@ -55,9 +55,9 @@ def render_record(job: tuple[str, str, object, str]) -> tuple[str, bytes | None,
     try:
         image, size = load_image(Path(img_path), _worker_opts.resolution)
         parsed = parse_annotations(annotations, image_size=size, resolution=_worker_opts.resolution,
-                                   max_chars=_worker_opts.max_chars, font=_worker_font, where=where)
+                                   max_chars=_worker_opts.max_chars, font=_worker_font, where=where, record_key=key)
         issues.update(parsed.issues)
-        renders = {line.ann_index: render_line(_worker_font, line, image, _worker_opts) for line in parsed.lines}
+        renders = {line.ann_index: render_line(line, image, _worker_opts) for line in parsed.lines}
         return key, encode_record(size, renders), issues, None
     except SampleError as exc:
         issues[f"sample.{exc.kind}"] += 1
@@ -67,7 +67,7 @@ def render_record(job: tuple[str, str, object, str]) -> tuple[str, bytes | None,
         return key, None, issues, f"{where}: {type(exc).__name__}: {exc}"
 
 
-def _prepare_output(path: Path, opts: RenderOptions, font: GlyphFont, overwrite: bool, map_size: int) -> lmdb.Environment:
+def _prepare_output(path: Path, opts: RenderOptions, font: FontSet, overwrite: bool, map_size: int) -> lmdb.Environment:
     path.mkdir(parents=True, exist_ok=True)
     close_shared_reader(path.resolve())
     foreign = [p.name for p in path.iterdir() if p.name not in _LMDB_FILES]
@@ -123,11 +123,12 @@ def _jobs(indexes: list[JsonIndex], env: lmdb.Environment, counts: Counter, limi
 
 
 def build_cache(dataset_json: list[str], output_lmdb: str, *, opts: RenderOptions, font_path: str,
-                num_workers: int = 4, commit_interval: int = 200, map_size_gb: float = 256,
+                font_dir: str | None = None, num_workers: int = 4, commit_interval: int = 200, map_size_gb: float = 256,
                 overwrite: bool = False, wm_thresh: float = 1.0, cache_dir: str | None = None,
                 limit: int | None = None, progress: bool = True) -> dict:
-    """Build or resume a cache; returns the final meta (also stored under ``__meta__``)."""
-    font = GlyphFont(font_path)
+    """Build or resume a cache; returns the final meta (also stored under ``__meta__``). With ``font_dir``
+    lines are drawn in its fonts (as the dataset's ``font_dir``), else in ``font_path``."""
+    font = FontSet.load(font_path, font_dir)
     paths = expand_dataset_paths(dataset_json)
     indexes = [JsonIndex(p, cache_dir=cache_dir, wm_thresh=wm_thresh) for p in paths]
     out = repo_path(output_lmdb)
@@ -145,10 +146,10 @@ def build_cache(dataset_json: list[str], output_lmdb: str, *, opts: RenderOption
             txn.put(META_KEY, json.dumps(build_meta(opts, font, complete=False, source_jsons=sources)).encode())
         jobs = _jobs(indexes, env, counts, limit, bar)
         if num_workers > 0:
-            pool = mp.get_context("spawn").Pool(num_workers, _init_worker, (str(font.path), opts))
+            pool = mp.get_context("spawn").Pool(num_workers, _init_worker, (font, opts))
             results = pool.imap_unordered(render_record, jobs, chunksize=4)
         else:
-            _init_worker(str(font.path), opts)
+            _init_worker(font, opts)
             results = map(render_record, jobs)
         txn = env.begin(write=True)
         try:

@@ -22,7 +22,7 @@ import lmdb
 import numpy as np
 
 from .anytext_record import LineRender, RenderOptions
-from .glyph_render import GLY_LINE_HEIGHT, GLY_LINE_WIDTH, GlyphFont, Patch
+from .glyph_render import GLY_LINE_HEIGHT, GLY_LINE_WIDTH, FontSet, Patch
 
 META_KEY = b"__meta__"
 FORMAT = "anytext2-line-renders"
@@ -35,16 +35,17 @@ class CacheError(RuntimeError):
     """An LMDB cache that must not be used (options mismatch, unfinished build, wrong format)."""
 
 
-def build_meta(opts: RenderOptions, font: GlyphFont, *, complete: bool, **extra) -> dict:
+def build_meta(opts: RenderOptions, font: FontSet, *, complete: bool, **extra) -> dict:
     return dict(format=FORMAT, version=VERSION, complete=complete, **asdict(opts), font_name=font.path.name,
-                font_sha1=font.sha1, **extra)
+                font_sha1=font.sha1, fonts=font.manifest(), font_layout=font.layout, **extra)
 
 
-def meta_mismatches(meta: dict, opts: RenderOptions, font: GlyphFont) -> list[str]:
+def meta_mismatches(meta: dict, opts: RenderOptions, font: FontSet) -> list[str]:
     """Human-readable differences between a cache's meta and the renders wanted now."""
     wanted = build_meta(opts, font, complete=True)
     out = []
-    for key in ("format", "version", "resolution", "max_chars", "glyph_scale", "vert_ang", "add_space", "font_sha1"):
+    for key in ("format", "version", "resolution", "max_chars", "glyph_scale", "vert_ang", "add_space", "font_sha1",
+                "font_layout"):
         have, want = meta.get(key), wanted[key]
         if isinstance(want, float) and isinstance(have, (int, float)):
             same = abs(float(have) - want) < 1e-9
@@ -138,7 +139,7 @@ class LineRenderCache:
     The LMDB environment is opened once per process and shared (safe with DataLoader workers).
     """
 
-    def __init__(self, path: str | os.PathLike[str], opts: RenderOptions, font: GlyphFont) -> None:
+    def __init__(self, path: str | os.PathLike[str], opts: RenderOptions, font: FontSet) -> None:
         self.path = Path(path).expanduser().resolve()
         if not (self.path / "data.mdb").is_file():
             raise FileNotFoundError(f"LMDB cache not found: {self.path} (no data.mdb; build it with "

@@ -6,6 +6,7 @@ dataset. Every image is a deterministic function of (seed, index), so any sample
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -150,10 +151,19 @@ def _caption(rng: np.random.Generator, desc: str, lines: list[dict], color_words
     return caption
 
 
+@functools.lru_cache(maxsize=8)
+def _drawing_font(path: Path) -> GlyphFont:
+    """The font that paints text into synthetic images, always with BASIC layout: these are the "photos",
+    not the conditioning, and the committed demodataset was drawn that way, so it stays reproducible
+    whichever layout engine this Pillow has."""
+    return GlyphFont(path, layout="basic")
+
+
 def synth_sample(seed: int, index: int, size: int = 512, font: GlyphFont | None = None,
                  n_lines: int | None = None) -> tuple[np.ndarray, dict]:
-    """One synthetic image (size, size, 3) uint8 RGB and its ``data_list`` record (no ``img_name``)."""
-    font = font or GlyphFont(DEFAULT_FONT_PATH)
+    """One synthetic image (size, size, 3) uint8 RGB and its ``data_list`` record (no ``img_name``);
+    the text is painted in ``font``'s file (default: the bundled font)."""
+    font = _drawing_font(font.path if font is not None else Path(DEFAULT_FONT_PATH).resolve())
     rng = np.random.default_rng([seed, index])
     img, desc = _background(rng, size)
     canvas = Image.fromarray(img)

@@ -388,6 +388,9 @@ def build_conditioning(
         if missing:
             raise InferenceInputError(f'text line {index} "{text}": the glyph font {glyph_font.path.name} has no '
                                       f"glyph for {''.join(missing)!r}")
+        if not glyph_font.can_layout(text):
+            raise InferenceInputError(f'text line {index} "{text}": a complex script needs RAQM text layout and this '
+                                      "Pillow has no libraqm (training skips such lines too)")
         try:
             patch = render_glyphs(glyph_font, text, position.polygon, add_space=True)
         except ValueError as exc:
