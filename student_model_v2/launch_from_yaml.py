@@ -20,7 +20,7 @@ YAML rules:
   bare when true and left out when false; a list becomes one flag followed by its values; anything
   else ``--key str(value)``. Values are checked against the flag's type and choices.
 * Relative paths in the YAML (``config``, ``teacher_ckpt``, ``output_dir``, ``dataset_json``,
-  ``lmdb_path``, ``cache_dir``, ``font_path``, ``log_image_dir``, ``resume_path``) resolve against the
+  ``lmdb_path``, ``cache_dir``, ``font_path``, ``font_dir``, ``log_image_dir``, ``resume_path``) resolve against the
   repository root, so a template means the same thing from any working directory. Command-line
   overrides are passed through unchanged (relative to the working directory, as for the script).
 
@@ -52,7 +52,7 @@ IGNORED_SECTIONS = ("system",)
 DEFAULT_SCRIPT = "student_model_v2.train_lcm_anytext_v2"
 OPTIMIZED_SCRIPT = "student_model_v2.train_lcm_anytext_v2_2"
 PATH_KEYS = frozenset({"config", "teacher_ckpt", "output_dir", "dataset_json", "lmdb_path", "cache_dir",
-                       "font_path", "log_image_dir", "resume_path"})
+                       "font_path", "font_dir", "log_image_dir", "resume_path"})
 PATH_KEYWORDS = {"resume_path": {"latest"}}
 ERROR_EXIT_CODE = 2
 

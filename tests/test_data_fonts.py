@@ -233,3 +233,15 @@ def test_basic_layout_refuses_complex_script_lines_with_a_count(tmp_path, font_d
         shaped = AnyTextDataset(path, **kw)[0]
         assert "line.complex_script" not in shaped["data_issues"]
         assert _fonts_by_text(shaped) == {"سلام": "DejaVuSans.ttf", "Բարեւ": "DejaVuSans.ttf"}
+
+
+def test_training_flag_font_dir_reaches_the_dataset(tmp_path, font_dir):
+    from student_model_v2.training.args import build_parser
+    from student_model_v2.training.data import build_dataset
+
+    path = _corpus(tmp_path)
+    common = ["--dataset_json", str(path), "--resolution", str(R), "--cache_dir", str(tmp_path / "index")]
+    with_dir = build_dataset(build_parser("t").parse_args(common + ["--font_dir", str(font_dir)]))
+    assert [f.path.name for f in with_dir.builder.fonts.fonts] == ["DejaVuSans.ttf", NOTO]
+    default = build_dataset(build_parser("t").parse_args(common))
+    assert [f.path.name for f in default.builder.fonts.fonts] == [NOTO]

@@ -49,6 +49,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument("--max_lines", type=int, default=5)
     data.add_argument("--max_chars", type=int, default=20)
     data.add_argument("--font_path", default=str(REPO_ROOT / "font" / "NotoSansCJKsc-Regular-subset.otf"))
+    data.add_argument("--font_dir", default="",
+                      help="folder of fonts: each line is drawn in one that covers it, chosen per line (upstream's "
+                      "rand_font); empty = every line in --font_path")
     data.add_argument("--mask_img_prob", type=float, default=0.5, help="probability of an edit-mode sample")
     data.add_argument("--font_hint_prob", type=float, default=0.8)
     data.add_argument("--no_font_hint_randaug", action="store_true", help="disable font-hint random augmentation")

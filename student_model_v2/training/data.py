@@ -75,6 +75,7 @@ class Loaders:
 def build_dataset(args: argparse.Namespace) -> Dataset:
     options = dict(
         resolution=args.resolution, max_lines=args.max_lines, max_chars=args.max_chars, font_path=args.font_path,
+        font_dir=args.font_dir or None,
         mask_img_prob=args.mask_img_prob, font_hint_prob=args.font_hint_prob,
         font_hint_randaug=not args.no_font_hint_randaug, seed=args.seed,
     )
