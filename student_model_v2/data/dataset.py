@@ -16,7 +16,7 @@ positions       L x float32 [1,H,W] {0,1}               L x [B,1,H,W]
 color           L x float32 [3] = RGB/255 (500/255 =    L x [B,3]
                 "no colour")
 texts, language L x str (padding ' ')                   L x list[B] of str  (indexed [line][sample])
-fonts           L x str, font file per line (padding '') L x list[B] of str  (debugging: which font drew it)
+fonts           L x str: font file name (padding '')    L x list[B] of str  (font of each line)
 n_lines         int                                     int64 [B]
 img_caption,    str                                     list[B] of str
 text_caption
@@ -323,7 +323,8 @@ class AnyTextDataset(_BaseDataset):
     :func:`json_index.expand_dataset_paths`). Items with ``wm_score > wm_thresh`` are dropped.
     ``sample_options`` are :class:`SampleBuilder`'s keywords (resolution, max_lines, ..., lmdb_path). With
     ``lmdb_path`` the glyph renders come from a cache built by ``build_lmdb_cache`` (validated against
-    these options); the font hint still comes out of the cache only with ``font_hint_randaug=False``.
+    these options); the font hint still comes out of the cache only with ``font_hint_randaug=False``. With
+    ``font_dir`` each line is drawn in one of that folder's fonts that covers it (see :class:`FontSet`).
 
     Start-up fails, naming the file, for a missing/unreadable file, a file without ``data_list``, a
     dataset with no items, and (``validate=True``) a dataset where no item makes a usable sample.
