@@ -51,7 +51,8 @@ def held_out_batches(run: argparse.Namespace, batch_size: int, data_seed: int) -
     """The run's own val + test samples (same files, resolution and split), edit mode and font-hint
     augmentation off so every evaluation sees the same conditioning."""
     dataset = AnyTextDataset(run.dataset_json, resolution=run.resolution, max_lines=run.max_lines,
-                             max_chars=run.max_chars, font_path=run.font_path, seed=data_seed,
+                             max_chars=run.max_chars, font_path=run.font_path,
+                             font_dir=getattr(run, "font_dir", "") or None, seed=data_seed,  # absent before --font_dir
                              mask_img_prob=0.0, font_hint_randaug=False)
     splits = make_splits(dataset, (run.train_ratio, run.val_ratio, run.test_ratio), run.split_seed)
     held = [splits["val"][i] for i in range(len(splits["val"]))] + [splits["test"][i] for i in range(len(splits["test"]))]
