@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: setup browser demo test golden
+.PHONY: setup system-deps demo test golden
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,15 +21,19 @@ demo: setup
 	$(PY) -m student_model_v2.eval_distillation --adapter runs/quickstart/checkpoint-final \
 		--output_json runs/quickstart/distillation_eval.json
 
-# The demo's browser test drives Debian's chromium through chromedriver (system packages, not pip); it
-# looks for them at these paths and is skipped without them, so check the same paths here.
-browser:
-	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	else echo "install chromium and chromium-driver (apt) for the browser test" >&2; exit 1; fi
+# System packages the tests use (Debian, not pip): chromium + chromedriver for the demo's browser test,
+# DejaVu Sans as the second font of the font-folder tests, and fribidi, which Pillow's RAQM text layout
+# loads at run time. Installed with apt when missing and run as root.
+SYSTEM_FILES := /usr/bin/chromium /usr/bin/chromedriver /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf \
+	/usr/lib/x86_64-linux-gnu/libfribidi.so.0
+system-deps:
+	@missing=0; for f in $(SYSTEM_FILES); do [ -e $$f ] || missing=1; done; \
+	if [ $$missing = 0 ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		chromium chromium-driver fonts-dejavu-core libfribidi0 >/dev/null; \
+	else echo "install chromium chromium-driver fonts-dejavu-core libfribidi0 (apt) for the tests" >&2; exit 1; fi
 
-test: setup browser
+test: setup system-deps
 	$(PY) -m pytest -q tests
 
 golden: setup
