@@ -55,6 +55,20 @@ def _is_writenet_output(name: str) -> bool:
     return name.startswith("control_model.zero_convs.") or name.startswith("control_model.middle_block_out.")
 
 
+def _unwrapped_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``named_modules`` as before LoRA was added: a LoRA layer stands for its base layer, its insides vanish."""
+    found: dict[str, nn.Module] = {}
+    tuners: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in tuners):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            tuners.append(f"{name}.")
+            module = module.get_base_layer()
+        found[name] = module
+    return found
+
+
 def lora_target_groups(model: nn.Module, targets: str = DEFAULT_LORA_TARGETS) -> dict[str, list[str]]:
     """The modules that get LoRA, grouped by the diffusers LCM-LoRA name they correspond to.
 
@@ -72,7 +86,7 @@ def lora_target_groups(model: nn.Module, targets: str = DEFAULT_LORA_TARGETS) ->
     wanted = ATTENTION_NAMES if targets == "attention" else tuple(name for name, _, _ in OFFICIAL_LDM_MAP)
     groups: dict[str, list[str]] = {name: [] for name in wanted}
     groups[WRITENET_OUTPUTS] = []
-    modules = dict(model.named_modules())
+    modules = _unwrapped_modules(model)
     for owner_name, owner in modules.items():
         if not _in_scope(owner_name):
             continue
@@ -97,9 +111,9 @@ def detect_lora_targets(peft_model: PeftModel) -> str:
     A resumed adapter keeps its own modules whatever ``--lora_targets`` says, so the recorded set is
     read from the adapter rather than from the flag.
     """
-    config = peft_model.peft_config[peft_model.active_adapter]
-    covered = {name.removeprefix("base_model.model.") for name in (config.target_modules or ())}
     base = peft_model.get_base_model()
+    # the modules actually wrapped: peft may store a long target list as shorter suffixes
+    covered = {name for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)}
     for targets in LORA_TARGET_SETS:
         if covered == set(lora_target_modules(base, targets)):
             return targets
