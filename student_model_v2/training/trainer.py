@@ -196,9 +196,22 @@ class Denoisers:
         if self._student_residuals is None:
             raise RuntimeError("target_eps reuses the student's WriteNet residuals: call student_eps first")
         with self.accelerator.autocast():
-            eps = self.model.predict_eps(x_t, timesteps, self.encoded.cond, self._student_residuals, self.attnx_scale)
+            residuals = [r.to(_activation_dtype(self.model, x_t.device)) for r in self._student_residuals]
+            eps = self.model.predict_eps(x_t, timesteps, self.encoded.cond, residuals, self.attnx_scale)
         self.counter.unet_calls.append(("target", x_t.shape[0]))
         return eps.float()
+
+
+def _activation_dtype(model: AnyText2Model, device: torch.device) -> torch.dtype:
+    """The dtype the WriteNet's residuals had when produced: the autocast dtype if on, else the weights'.
+
+    The prepared student module returns its outputs converted to float32 (accelerate's
+    ``convert_outputs_to_fp32``); fed back as float32 next to bf16 weights, CPU GroupNorm refuses the
+    mixed dtypes. Casting back is exact (bf16/fp16 -> fp32 -> bf16/fp16).
+    """
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.dtype
 
 
 def _out_of_inference(eps: torch.Tensor) -> torch.Tensor:
