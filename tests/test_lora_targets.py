@@ -159,3 +159,19 @@ def test_trainer_records_the_target_set_and_keeps_a_resumed_adapters(tmp_path, c
     assert resumed.args.lora_targets == "attention" and resumed.lora_parameters == first.lora_parameters
     info = json.loads((tmp_path / "checkpoint-final" / "distillation.json").read_text())
     assert (info["lora_targets"], info["lora_rank"], info["lora_alpha"]) == ("attention", 4, 4.0)
+
+
+def test_bench_train_reports_the_lora_parameter_count(tmp_path, capsys):
+    from student_model_v2 import bench
+
+    out = tmp_path / "bench.json"
+    bench.main(["train", "--resolution", "32", "--batch_size", "1", "--steps", "1", "--warmup", "0", "--lora_rank", "4",
+                "--lora_targets", "attention", "--json", str(out)])
+    capsys.readouterr()
+    report = json.loads(out.read_text())
+    counts = report["versions"]["v2_4"]["lora_parameters"]
+    assert report["lora_targets"] == "attention"
+    with torch.device("meta"):
+        model = AnyText2Model.from_yaml(TINY_YAML)
+        expected = lora_parameter_counts(add_lora(model, 4, 4, targets="attention"))
+    assert counts == expected and counts["total"] > 0
