@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # run as a file: see _script_mode.py
     import _script_mode  # noqa: F401
 
 from student_model_v2.anytext2.config import MODELS_YAML_DIR
+from student_model_v2.distillation.lora import DEFAULT_LORA_TARGETS, LORA_TARGET_SETS
 from student_model_v2.evaluation.report import write_json
 from student_model_v2.training.args import DEFAULT_DATASET
 
@@ -127,7 +128,7 @@ def bench_train(args: argparse.Namespace) -> dict:
                     "--mock_size", str(args.batch_size * (args.warmup + args.steps)), "--train_ratio", "1.0",
                     "--val_ratio", "0.0", "--test_ratio", "0.0", "--eval_batches", "0", "--save_steps", "0",
                     "--max_train_steps", str(args.warmup + args.steps), "--lora_rank", str(args.lora_rank),
-                    "--lora_alpha", str(args.lora_rank)]
+                    "--lora_alpha", str(args.lora_rank), "--lora_targets", args.lora_targets]
             if args.teacher_ckpt:
                 argv += ["--teacher_ckpt", args.teacher_ckpt]
             trainer = Trainer(module.build_argument_parser().parse_args(argv), module.OBJECTIVE)
@@ -160,12 +161,13 @@ def bench_train(args: argparse.Namespace) -> dict:
                 "text_encoder_calls_per_step": per_step(calls.text_encoder_calls),
                 "frozen_param_gb": round(sum(p.numel() * p.element_size() for p in params if not p.requires_grad) / 2**30, 4),
                 "lora_param_mb": round(sum(p.numel() * p.element_size() for p in params if p.requires_grad) / 2**20, 3),
+                "lora_parameters": trainer.lora_parameters,
                 "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
             }
     first = results[args.version[0]]["seconds_per_step"]
     return {
         "command": "train", "config": args.config, "device": str(device), "resolution": args.resolution,
-        "batch_size": args.batch_size, "mixed_precision": args.mixed_precision, "teacher_dtype": args.teacher_dtype,
+        "batch_size": args.batch_size, "lora_targets": args.lora_targets, "mixed_precision": args.mixed_precision, "teacher_dtype": args.teacher_dtype,
         "timed_steps": args.steps, "random_init_teacher": not args.teacher_ckpt, "versions": results,
         "step_time_relative_to_first": {v: round(r["seconds_per_step"] / first, 3) for v, r in results.items()},
     }
@@ -333,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     train.add_argument("--warmup", type=int, default=1)
     train.add_argument("--lora_rank", type=int, default=64)
+    train.add_argument("--lora_targets", choices=LORA_TARGET_SETS, default=DEFAULT_LORA_TARGETS)
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     train.add_argument("--teacher_dtype", choices=DTYPE_CHOICES, default="fp32")
     train.set_defaults(func=bench_train)

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a file: see _script_mode.py
     import _script_mode  # noqa: F401
 
 from student_model_v2.anytext2.checkpoint import build_random_teacher, load_teacher
+from student_model_v2.distillation.adapter_info import AdapterInfo
 from student_model_v2.distillation.lora import load_lora
 from student_model_v2.evaluation.distillation import held_out_batches, latent_gaps, training_args
 from student_model_v2.evaluation.report import write_json
@@ -37,7 +38,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--output_json", default="")
     args = parser.parse_args(argv)
     run = training_args(args.adapter)
-    args.num_inference_steps, args.negative_prompt = run.num_inference_steps, run.negative_prompt
+    # the grid the adapter records (distillation.json); the run's flag for folders written before it existed
+    info = AdapterInfo.load(args.adapter)
+    args.num_inference_steps = info.num_inference_steps if info is not None else run.num_inference_steps
+    args.negative_prompt = run.negative_prompt
     if run.teacher_ckpt:
         model = load_teacher(run.config, run.teacher_ckpt, trust_pickle=run.trust_checkpoint)
     else:

@@ -7,6 +7,8 @@ overrides after a ``--`` to pass a flag the launcher itself owns, e.g. ``-- --co
 
 YAML rules:
 
+* A key written twice in one mapping is an error naming the key and both lines (YAML itself would keep
+  the last value silently).
 * Sections ``model``, ``data`` and ``train`` are merged into one flat set of flags in that order (a key
   in a later section wins); other top-level keys are added too, and one that a section sets to another
   value is an error (the original silently kept the section's); ``system`` is ignored (notes for
@@ -78,11 +80,38 @@ class Entry:
     origin: str
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key written twice in one YAML mapping (plain YAML loaders keep the last value without a word)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated within one mapping, naming both lines.
+
+    Keys brought in by a ``<<`` merge are not checked: overriding them is what a merge is for.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(None, None, f"duplicate key '{key}' on line {line} (first set on line "
+                                        f"{seen[key]}): YAML would keep only the last value; set it once",
+                                        key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_template(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LaunchError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except DuplicateKeyError as exc:
+        raise LaunchError(f"{path.name}: {exc.problem}") from exc
     except yaml.YAMLError as exc:
         raise LaunchError(f"{path.name}: invalid YAML: {exc}") from exc
     if data is None:

@@ -313,3 +313,22 @@ def test_end_to_end_v2_4_tiny_run(tmp_path):
     assert launcher.main(["--config", str(cfg)]) == 0
     assert (out / "checkpoint-final" / "adapter_model.safetensors").is_file()
     assert (out / "RANDOM_INIT_TEACHER.txt").is_file()
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  learning_rate: 1.0e-4\n  resolution: 64\n  learning_rate: 1.0e-3\n", "learning_rate", (4, 2)),
+    ("use_optimized: true\nmodel:\n  config: a.yaml\nuse_optimized: false\n", "use_optimized", (4, 1)),
+])
+def test_duplicate_yaml_key_is_refused_with_its_lines(tmp_path, capsys, fake_scripts, text, key, lines):
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text(text)
+    assert yaml.safe_load(text) is not None, "plain YAML accepts the file (and silently keeps the last value)"
+    err = run_error(["--config", str(cfg)], capsys)
+    assert f"dup.yaml: duplicate key '{key}' on line {lines[0]} (first set on line {lines[1]})" in err
+    assert fake_scripts() == []
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text("base: &base {learning_rate: 1.0e-4, resolution: 64}\ntrain:\n  <<: *base\n  resolution: 128\n")
+    assert launcher.load_template(cfg)["train"] == {"learning_rate": 1.0e-4, "resolution": 128}

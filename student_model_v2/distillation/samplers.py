@@ -16,14 +16,18 @@ repeated, and only the UNet sees the full image batch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
 from ..anytext2.model import AnyText2Model, Conditions, concat_conditions
+from .adapter_info import AdapterInfo
 
 NUM_TRAIN_TIMESTEPS = 1000
+# LCMScheduler's ``original_inference_steps`` default and the diffusers/this toolkit's default training grid
+DEFAULT_LCM_GRID = 50
 
 # AnyText2's DDPM schedule in diffusers terms: ldm "linear" = scaled_linear, alpha_prev at the last
 # step is alphas_cumprod[0] (set_alpha_to_one=False), timesteps arange(0, 1000, 1000 // S) + 1.
@@ -72,7 +76,18 @@ def set_ddim_timesteps(scheduler: DDIMScheduler, steps: int, anytext2_grid: bool
         scheduler.timesteps = anytext2_ddim_timesteps(steps)
 
 
-def make_lcm_scheduler(original_inference_steps: int = 50, alphas_cumprod: torch.Tensor | None = None) -> LCMScheduler:
+def recorded_lcm_grid(adapter_dir: str | os.PathLike[str] | None) -> int:
+    """The solver grid N a student adapter was trained on, which its LCM sampling timesteps come from.
+
+    Read from the adapter's ``distillation.json`` (``AdapterInfo.num_inference_steps``). No adapter, or a
+    folder without the file (written before it existed, or a foreign LCM-LoRA such as
+    ``lcm-lora-sdv1-5``), means the LCM default 50, the grid those were trained on.
+    """
+    info = AdapterInfo.load(adapter_dir) if adapter_dir else None
+    return info.num_inference_steps if info is not None else DEFAULT_LCM_GRID
+
+
+def make_lcm_scheduler(original_inference_steps: int = DEFAULT_LCM_GRID, alphas_cumprod: torch.Tensor | None = None) -> LCMScheduler:
     """LCMScheduler on the training grid ``(i+1)*(1000//N) - 1`` (N = ``original_inference_steps``)."""
     scheduler = LCMScheduler(**SCHEDULE_KWARGS, original_inference_steps=original_inference_steps, timestep_scaling=10.0)
     _use_alphas(scheduler, alphas_cumprod)
@@ -168,7 +183,7 @@ def sample_student_lcm(
     cond: Conditions,
     steps: int = 4,
     generator: torch.Generator | None = None,
-    original_inference_steps: int = 50,
+    original_inference_steps: int = DEFAULT_LCM_GRID,
     strength: float = 1.0,
     attnx_scale: float = 1.0,
     latents: torch.Tensor | None = None,

@@ -59,7 +59,7 @@ from ..data.glyph_render import (
 )
 from ..distillation.conditioning import UncondCaptionCache
 from ..distillation.lora import adapters_disabled, load_lora
-from ..distillation.samplers import sample_student_lcm, sample_teacher_ddim
+from ..distillation.samplers import recorded_lcm_grid, sample_student_lcm, sample_teacher_ddim
 from .cache import BlankLatentCache, is_blank_masked_image
 from .inputs import (
     DEFAULT_A_PROMPT,
@@ -600,6 +600,11 @@ class AnyText2Pipeline:
     def can_sample_teacher(self) -> bool:
         return not self.lora_merged
 
+    @property
+    def lcm_grid(self) -> int:
+        """The student's training grid N (``LCMScheduler.original_inference_steps``), from its adapter folder."""
+        return recorded_lcm_grid(self.lora_path)
+
     def load_lora(self, path: str | os.PathLike[str], scale: float = 1.0, merge: bool = True) -> None:
         """Apply a student adapter folder (``adapter_config.json`` + weights), scaled by ``scale``."""
         if self.has_lora:
@@ -722,7 +727,8 @@ class AnyText2Pipeline:
                     options.strength, options.attnx_scale, latents, images_per_condition=options.num_images,
                     batch_cfg=options.batch_cfg, anytext2_grid=options.anytext2_ddim_grid)
             else:
-                latents = sample_student_lcm(self.model, cond, steps, generator, strength=options.strength,
+                latents = sample_student_lcm(self.model, cond, steps, generator,
+                                             original_inference_steps=self.lcm_grid, strength=options.strength,
                                              attnx_scale=options.attnx_scale, latents=latents,
                                              images_per_condition=options.num_images)
             self._sync()

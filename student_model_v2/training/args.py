@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..anytext2.config import MODELS_YAML_DIR, REPO_ROOT
+from ..distillation.lora import DEFAULT_LORA_TARGETS, LORA_TARGET_SETS
 
 DEFAULT_NEGATIVE_PROMPT = (
     "low-res, bad anatomy, extra digit, fewer digits, cropped, worst quality, low quality, watermark, "
@@ -88,7 +89,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora_rank", type=int, default=64)
     lora.add_argument("--lora_alpha", type=float, default=64)
-    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="dropout masks differ per rank (seeded by rank)")
+    lora.add_argument("--lora_targets", choices=LORA_TARGET_SETS, default=DEFAULT_LORA_TARGETS,
+                      help="official: the diffusers LCM-LoRA module set (attention, feed-forward, transformer "
+                      "projections, ResBlock convs, time projections, down/up-sampling convs) on UNet and WriteNet; "
+                      "attention: the original toolkit's q/k/v/out only. Both add the WriteNet's output convs")
 
     distil = parser.add_argument_group("distillation (shared)")
     distil.add_argument("--num_inference_steps", type=int, default=50,

@@ -35,11 +35,11 @@ from ..anytext2.unet import set_gradient_checkpointing
 from ..distillation.adapter_info import AdapterInfo
 from ..distillation.adapter_info import Objective as AdapterObjective
 from ..distillation.conditioning import EncodedBatch, UncondCaptionCache, encode_batch
-from ..distillation.lcm import anytext2_alphas_cumprod
-from ..distillation.lora import adapters_disabled, add_lora, load_lora
+from ..distillation.lora import adapters_disabled, add_lora, detect_lora_targets, load_lora, lora_parameter_counts
 from .args import build_parser
 from .checkpointing import latest_checkpoint, load_training_state, restore_rng_state, rng_state, save_checkpoint
 from .data import build_dataloaders
+from .distributed import refuse_sharded_teacher
 from .previews import save_preview_grid
 
 logger = logging.getLogger("student_model_v2.train")
@@ -196,9 +196,22 @@ class Denoisers:
         if self._student_residuals is None:
             raise RuntimeError("target_eps reuses the student's WriteNet residuals: call student_eps first")
         with self.accelerator.autocast():
-            eps = self.model.predict_eps(x_t, timesteps, self.encoded.cond, self._student_residuals, self.attnx_scale)
+            residuals = [r.to(_activation_dtype(self.model, x_t.device)) for r in self._student_residuals]
+            eps = self.model.predict_eps(x_t, timesteps, self.encoded.cond, residuals, self.attnx_scale)
         self.counter.unet_calls.append(("target", x_t.shape[0]))
         return eps.float()
+
+
+def _activation_dtype(model: AnyText2Model, device: torch.device) -> torch.dtype:
+    """The dtype the WriteNet's residuals had when produced: the autocast dtype if on, else the weights'.
+
+    The prepared student module returns its outputs converted to float32 (accelerate's
+    ``convert_outputs_to_fp32``); fed back as float32 next to bf16 weights, CPU GroupNorm refuses the
+    mixed dtypes. Casting back is exact (bf16/fp16 -> fp32 -> bf16/fp16).
+    """
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.dtype
 
 
 def _out_of_inference(eps: torch.Tensor) -> torch.Tensor:
@@ -232,7 +245,8 @@ class Objective(abc.ABC):
     def adapter_info(self) -> AdapterInfo:
         """What the saved adapter was trained for (written as ``distillation.json`` in every checkpoint)."""
         return AdapterInfo(version=self.name, objective=self.kind, num_inference_steps=self.args.num_inference_steps,
-                           lora_targets="attention", lora_rank=self.args.lora_rank, lora_alpha=self.args.lora_alpha)
+                           lora_targets=self.args.lora_targets, lora_rank=self.args.lora_rank,
+                           lora_alpha=self.args.lora_alpha)
 
     @abc.abstractmethod
     def compute_loss(self, denoisers: Denoisers, latents: torch.Tensor, batch: dict[str, Any],
@@ -294,17 +308,24 @@ class Trainer:
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.objective = objective_cls(args, anytext2_alphas_cumprod().to(acc.device))
+        refuse_sharded_teacher(acc.state)
         self.output_dir = self._resolve_output_dir()
         set_seed(args.seed)
         self.generator = torch.Generator(device=acc.device).manual_seed(args.seed * 1000 + acc.process_index)
 
         self.model = self._build_teacher()
+        # the teacher's own schedule buffer (its YAML's linear_start/linear_end, or the checkpoint's)
+        self.objective = objective_cls(args, self.model.alphas_cumprod.to(acc.device, torch.float32))
         if args.gradient_checkpointing:
             set_gradient_checkpointing(self.model.unet)
             set_gradient_checkpointing(self.model.control_model)
         self.peft_model, self.resume_dir = self._build_student()
+        if self.resume_dir is not None:
+            self._adopt_adapter_settings()
+        # LoRA init above is identical on every rank; from here the global RNGs (LoRA dropout masks) differ per rank
+        set_seed(args.seed, device_specific=True)
         self.student = StudentForward(self.peft_model)
+        self.lora_parameters = lora_parameter_counts(self.student)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -375,7 +396,17 @@ class Trainer:
         if resume:
             logger.info("resuming LoRA from %s (its adapter_config wins over --lora_rank/--lora_alpha)", resume)
             return load_lora(self.model, resume, trainable=True), Path(resume)
-        return add_lora(self.model, args.lora_rank, args.lora_alpha, args.lora_dropout), None
+        return add_lora(self.model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets), None
+
+    def _adopt_adapter_settings(self) -> None:
+        """A resumed adapter keeps its modules, rank and alpha: record those, not the flags'."""
+        args, config = self.args, self.peft_model.peft_config[self.peft_model.active_adapter]
+        found = (detect_lora_targets(self.peft_model), int(config.r), float(config.lora_alpha))
+        if found != (args.lora_targets, args.lora_rank, float(args.lora_alpha)):
+            logger.warning("the resumed adapter has targets %s, rank %d, alpha %g; --lora_targets/--lora_rank/"
+                           "--lora_alpha (%s, %d, %g) do not apply to it", *found, args.lora_targets, args.lora_rank,
+                           args.lora_alpha)
+        args.lora_targets, args.lora_rank, args.lora_alpha = found
 
     def _planned_steps(self) -> int:
         args = self.args
@@ -514,9 +545,10 @@ class Trainer:
         args, acc = self.args, self.accelerator
         self._install_signal_handlers()
         if acc.is_main_process:
-            trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
-            logger.info("LoRA parameters: %s; optimizer steps: %d (%d per epoch); teacher: %s",
-                        f"{trainable:,}", self.total_steps, self.steps_per_epoch,
+            counts = self.lora_parameters
+            logger.info("LoRA parameters (%s targets): %s (UNet %s + AttnX %s, WriteNet %s); optimizer steps: %d "
+                        "(%d per epoch); teacher: %s", args.lora_targets, f"{counts['total']:,}", f"{counts['unet']:,}",
+                        f"{counts['unet_attnx']:,}", f"{counts['writenet']:,}", self.total_steps, self.steps_per_epoch,
                         "random init rule" if self.model.is_random_init else args.teacher_ckpt)
         progress = tqdm(total=self.total_steps, initial=self.global_step, disable=not acc.is_local_main_process,
                         desc=f"train {self.objective.name}", dynamic_ncols=True)
