@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -68,25 +69,69 @@ def _run_in_process(monkeypatch, argv):
     trainer = trainer_module.run(LCMObjective, argv, "test")
     monkeypatch.undo()
     lora = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if p.requires_grad}
-    return lora, seen
+    return lora, seen, trainer
+
+
+def _optimizer_steps(trainer) -> int:
+    """Updates AdamW really applied (its per-parameter step count), not the trainer's own counter."""
+    param = next(p for p in trainer.optimizer.optimizer.param_groups[0]["params"])
+    return int(trainer.optimizer.optimizer.state[param]["step"])
 
 
 def test_resume_continues_weights_and_data_order_exactly(tmp_path, monkeypatch):
     common = FAST + ["--max_train_steps", "6", "--gradient_accumulation_steps", "2", "--lr_scheduler",
                      "warmup_cosine", "--lr_warmup_steps", "2", "--learning_rate", "1e-3", "--train_ratio", "0.25",
                      "--val_ratio", "0.0", "--test_ratio", "0.75"]
-    full, full_order = _run_in_process(monkeypatch, common + ["--output_dir", str(tmp_path / "full")])
-    _, first_order = _run_in_process(monkeypatch, common + ["--output_dir", str(tmp_path / "split"), "--stop_after_steps", "2"])
+    full, full_order, _ = _run_in_process(monkeypatch, common + ["--output_dir", str(tmp_path / "full")])
+    _, first_order, _ = _run_in_process(monkeypatch, common + ["--output_dir", str(tmp_path / "split"), "--stop_after_steps", "2"])
     assert (tmp_path / "split" / "checkpoint-2" / "training_state.pt").is_file()
     info = AdapterInfo.load(tmp_path / "split" / "checkpoint-2")
     assert (info.version, info.objective, info.num_inference_steps) == ("v2_4", "lcm", 50)
-    resumed, second_order = _run_in_process(
+    resumed, second_order, _ = _run_in_process(
         monkeypatch, common + ["--output_dir", str(tmp_path / "split"), "--resume_path", "latest", "--resume_optimizer"])
     assert first_order + second_order == full_order
     assert len(full_order) == 12 and len(set(full_order[:6])) == 6
     for name, value in full.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
     assert any(float(v.abs().max()) > 0 for n, v in full.items() if "lora_B" in n), "training must move LoRA B"
+
+
+def test_accumulation_survives_evaluations_epochs_and_resume(tmp_path, monkeypatch):
+    # 20 training samples at batch 2 = 10 micro-batches per epoch: at accumulation 4 an epoch is 4 + 4 + 2
+    # (the epoch end forces the third update). Evaluation runs after every checkpoint (every 2 updates) on a
+    # 4-sample val split, 2 batches: before the fix the loop broke out of it after 1 batch and from then on
+    # every micro-batch became an update (6 updates from 18 micro-batches).
+    common = FAST + ["--max_epochs", "2", "--max_train_steps", "0", "--gradient_accumulation_steps", "4",
+                     "--save_steps", "2", "--eval_batches", "1", "--train_ratio", "0.4", "--val_ratio", "0.09",
+                     "--test_ratio", "0.51", "--lr_scheduler", "warmup_cosine", "--lr_warmup_steps", "2",
+                     "--learning_rate", "1e-3"]
+    evaluations = []
+    original_evaluate = trainer_module.Trainer.evaluate
+
+    def counting_evaluate(self, split):
+        value = original_evaluate(self, split)
+        evaluations.append((split, self.global_step, value))
+        references = self.accelerator.gradient_state.dataloader_references
+        assert self.val_loader not in references and self.test_loader not in references, "eval loader left active"
+        return value
+
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", counting_evaluate)
+    full, full_order, trainer = _run_in_process(monkeypatch, common + ["--output_dir", str(tmp_path / "full")])
+    assert len(full_order) == 20 and trainer.global_step == 6 and _optimizer_steps(trainer) == 6
+    assert [(split, step) for split, step, _ in evaluations] == [("val", 2), ("val", 4), ("val", 6), ("test", 6)]
+    assert all(math.isfinite(value) for _, _, value in evaluations)
+
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", counting_evaluate)
+    _, first_order, first = _run_in_process(
+        monkeypatch, common + ["--output_dir", str(tmp_path / "split"), "--stop_after_steps", "2"])
+    assert len(first_order) == 8 and _optimizer_steps(first) == 2
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", counting_evaluate)
+    resumed, second_order, second = _run_in_process(
+        monkeypatch, common + ["--output_dir", str(tmp_path / "split"), "--resume_path", "latest", "--resume_optimizer"])
+    assert first_order + second_order == full_order
+    assert _optimizer_steps(second) == 6, "the restored AdamW state continues the count"
+    for name, value in full.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_resume_keeps_the_checkpoints_step_plan(caplog):

@@ -310,7 +310,7 @@ class Trainer:
             params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
         )
-        loaders = build_dataloaders(args)
+        loaders = build_dataloaders(args, eval_samples=args.eval_batches * args.train_batch_size * acc.num_processes)
         self.dataset_stats = loaders.stats
         self.student, self.optimizer, self.train_loader = acc.prepare(self.student, self.optimizer, loaders.train)
         self.val_loader = acc.prepare(loaders.val) if loaders.val is not None else None
@@ -468,7 +468,12 @@ class Trainer:
         return out
 
     def evaluate(self, split: str) -> float | None:
-        """Objective loss on up to ``eval_batches`` batches of a split, on every rank (collective)."""
+        """Objective loss on the split's fixed first ``eval_batches x batch x world`` samples (collective).
+
+        The loader holds exactly that subset and is read to its end: leaving an accelerate-prepared
+        loader early would keep it registered as the active one, and the accumulation boundaries of
+        training would then follow the eval loader instead of the training loader.
+        """
         loader = self.val_loader if split == "val" else self.test_loader
         if loader is None or self.args.eval_batches <= 0:
             return None
@@ -476,9 +481,7 @@ class Trainer:
         self.student.eval()
         losses = []
         with torch.no_grad():
-            for index, batch in enumerate(loader):
-                if index >= self.args.eval_batches:
-                    break
+            for batch in loader:
                 losses.append(self._micro_step(batch, generator).loss.detach().float().reshape(1))
         self.student.train()
         local = torch.cat(losses) if losses else torch.zeros(0, device=self.accelerator.device)
