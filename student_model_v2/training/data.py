@@ -8,6 +8,7 @@ sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import argparse
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -90,6 +91,10 @@ def _worker_init(num_threads: int):
     def init(_worker_id: int) -> None:
         import cv2
 
+        # SIGTERM/SIGINT reach the whole process group; the main process checkpoints and then stops the
+        # workers itself (training/stopping.py), so a worker must not die under it mid-window.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.set_num_threads(num_threads)
         cv2.setNumThreads(num_threads)
 
