@@ -172,30 +172,48 @@ def test_two_cpu_processes_average_gradients(tmp_path):
     assert differs > 0, "the ranks' local gradients must differ for the check to mean anything"
 
 
-def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("sender", ["killpg", "oom_guard"])
+def test_sigterm_to_the_group_with_workers_checkpoints_then_exits_143(tmp_path, sender):
+    # What Slurm (kill -TERM -PGID) and oom_guard.py (forwarding its own SIGTERM) do: the whole process
+    # group, DataLoader workers included, gets SIGTERM in the middle of an accumulation window.
+    from student_model_v2.oom_guard import group_members
+
     out = tmp_path / "run"
-    command = [sys.executable, str(SCRIPT), *FAST, "--max_train_steps", "500", "--output_dir", str(out),
-               "--use_mock_dataset", "--mock_size", "8"]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    train = [sys.executable, str(SCRIPT), *FAST, "--max_train_steps", "500", "--output_dir", str(out),
+             "--gradient_accumulation_steps", "2", "--num_workers", "2", "--persistent_workers"]
+    guard = [sys.executable, str(REPO_ROOT / "student_model_v2" / "oom_guard.py"), "--min-available-gb", "0",
+             "--interval", "0.5", "--kill-timeout", "300", "--"]
+    process = subprocess.Popen(guard + train if sender == "oom_guard" else train, cwd=REPO_ROOT,
+                               env=dict(os.environ, HF_HUB_OFFLINE="1"), start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
+    deadline = time.time() + 300
     log = ""
-    while time.time() < deadline:
+    while time.time() < deadline and process.poll() is None:
         line = process.stdout.readline()
         log += line
         if "loss=" in line:
             break
-    process.send_signal(signal.SIGTERM)
-    rest, _ = process.communicate(timeout=180)
+    group = process.pid if sender == "killpg" else None
+    if sender == "killpg":
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)  # the guard forwards it to the trainer's own group
+    rest, _ = process.communicate(timeout=300)
     log += rest
     assert process.returncode == trainer_module.SIGTERM_EXIT_CODE, log[-3000:]
+    assert "received signal 15" in log and "stopped early (signal)" in log, log[-3000:]
+    assert "Traceback" not in log and "exited unexpectedly" not in log, log[-3000:]
+    if group is not None:
+        assert not group_members(group), "the workers must be shut down with the trainer"
     checkpoints = sorted(out.glob("checkpoint-*"))
-    assert len(checkpoints) == 1 and not checkpoints[0].name.endswith(".tmp"), log[-2000:]
+    assert len(checkpoints) == 1 and checkpoints[0].name.startswith("checkpoint-"), log[-2000:]
+    assert not checkpoints[0].name.endswith((".tmp", ".old")), log[-2000:]
     model = build_random_teacher(TINY_YAML)
     peft_model = load_lora(model, checkpoints[0])
     assert any("lora_B" in n for n, _ in peft_model.named_parameters())
     state = torch.load(checkpoints[0] / "training_state.pt", weights_only=False)
     assert state["global_step"] == int(checkpoints[0].name.split("-")[1]) > 0
+    assert state["batches_done"] == 2 * state["global_step"], "the accumulation window must be finished"
 
 
 def test_bad_objective_flags_fail_early(tmp_path):
@@ -245,3 +263,40 @@ def test_adapter_info_round_trip_and_refusals(tmp_path):
     with pytest.raises(AdapterInfoError, match="num_phases"):
         AdapterInfo(version="v2_5", objective="pcm", num_inference_steps=50, lora_targets="official",
                     lora_rank=8, lora_alpha=8.0)
+
+
+def _launch_two_cpu_processes(driver: str, port: int, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), str(REPO_ROOT / "tests" / "drivers" / driver), *args]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_nan_on_one_rank_skips_the_same_update_everywhere(tmp_path):
+    result = _launch_two_cpu_processes("nonfinite_rank.py", 29523, str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for record in ranks:
+        assert record["micro_batches"] == 6
+        assert [(s["step"], s["skipped"]) for s in record["steps"]] == [(1, False), (2, True), (3, False)]
+        assert record["skips"] == 1
+        after = [s["lora"] for s in record["steps"]]
+        for name, value in after[0].items():
+            assert torch.isfinite(after[2][name]).all(), name
+            assert torch.equal(after[1][name], value), f"{name}: the skipped update must not move the weights"
+        assert any(not torch.equal(after[2][n], after[1][n]) for n in after[0]), "step 3 must update again"
+    for name, value in ranks[0]["steps"][-1]["lora"].items():
+        assert torch.equal(ranks[1]["steps"][-1]["lora"][name], value), f"{name}: ranks diverged"
+    logged = {step: values for step, values in ranks[0]["logged"] if "train/nonfinite_skips" in values}
+    assert [logged[s]["train/nonfinite_skips"] for s in (1, 2, 3)] == [0, 1, 1]
+    # rank 0 reports 1 skipped sample per micro-batch, rank 1 reports 2: the log shows the sum of both
+    assert logged[3]["data/skipped_samples"] == 6 * 1 + 6 * 2
+    state = torch.load(tmp_path / "checkpoint-final" / "training_state.pt", weights_only=False)
+    assert state["nonfinite_skips"] == 1 and state["dataset_stats"]["sample.injected"] == 18
+    assert [counts["sample.injected"] for counts in state["dataset_stats_per_rank"]] == [6, 12]
+    # this 2-process checkpoint cannot be continued exactly by one process: refused, not silently reinterpreted
+    with pytest.raises(ValueError, match="num_processes 2 -> 1"):
+        trainer_module.run(LCMObjective, FAST + ["--train_batch_size", "1", "--gradient_accumulation_steps", "2",
+                                                 "--output_dir", str(tmp_path), "--resume_path", "latest",
+                                                 "--resume_optimizer", "--max_train_steps", "3"], "t")
