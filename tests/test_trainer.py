@@ -300,3 +300,57 @@ def test_nan_on_one_rank_skips_the_same_update_everywhere(tmp_path):
         trainer_module.run(LCMObjective, FAST + ["--train_batch_size", "1", "--gradient_accumulation_steps", "2",
                                                  "--output_dir", str(tmp_path), "--resume_path", "latest",
                                                  "--resume_optimizer", "--max_train_steps", "3"], "t")
+
+
+def test_latest_resumes_finished_runs_and_add_steps_never_trains_at_lr_0(tmp_path, monkeypatch):
+    from student_model_v2.training.checkpointing import latest_checkpoint
+    from student_model_v2.training.data import DatasetStats
+
+    out = tmp_path / "run"
+    common = FAST + ["--output_dir", str(out), "--use_mock_dataset", "--mock_size", "8", "--lr_scheduler",
+                     "warmup_cosine", "--learning_rate", "1e-3", "--save_steps", "1", "--max_train_steps", "2"]
+    original_update = DatasetStats.update
+
+    def one_skip_per_batch(self, issues):
+        original_update(self, issues)
+        self.counts.update({"sample.injected": 1})
+
+    monkeypatch.setattr(DatasetStats, "update", one_skip_per_batch)
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        trainer_module.run(LCMObjective, common + ["--resume_path", "latest", "--resume_optimizer"], "t")
+    first = trainer_module.run(LCMObjective, common, "t")
+    assert first.global_step == 2 and first.dataset_stats.counts["sample.injected"] == 2
+    assert latest_checkpoint(out).name == "checkpoint-final", "checkpoint-1 has the higher name-number only"
+    final_state = (out / "checkpoint-final" / "training_state.pt").read_bytes()
+
+    again = trainer_module.run(LCMObjective, common + ["--resume_path", "latest", "--resume_optimizer"], "t")
+    assert again.global_step == 2 and again.resume_dir.name == "checkpoint-final"
+    assert (out / "checkpoint-final" / "training_state.pt").read_bytes() == final_state, "a finished run is not rewritten"
+
+    with pytest.raises(ValueError, match="would train at learning rate 0"):
+        trainer_module.run(LCMObjective, common + ["--resume_path", "latest", "--resume_optimizer",
+                                                   "--resume_add_steps", "2"], "t")
+    lrs = []
+    original_after_step = trainer_module.Trainer._after_step
+
+    def record_lr(self, *rest):
+        lrs.append(self.lr_scheduler.get_last_lr()[0])
+        original_after_step(self, *rest)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_after_step", record_lr)
+    longer = trainer_module.run(LCMObjective, common + ["--resume_path", "latest", "--resume_optimizer",
+                                                        "--resume_add_steps", "2", "--lr_min_ratio", "0.1"], "t")
+    assert longer.global_step == 4 and _optimizer_steps(longer) == 4
+    assert lrs == pytest.approx([1e-4, 1e-4]), "the added steps train at the cosine floor, never at 0"
+    assert longer.dataset_stats.counts["sample.injected"] == 4, "skipped-sample counts survive the resume"
+    assert latest_checkpoint(out).name == "checkpoint-final"
+    state = torch.load(out / "checkpoint-final" / "training_state.pt", weights_only=False)
+    assert state["global_step"] == 4 and state["dataset_stats"]["sample.injected"] == 4
+
+    # the fp16 grad scaler (GPU only under accelerate) travels with the state: checked with a CPU scaler
+    longer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**7)
+    saved = longer._training_state()
+    assert saved["grad_scaler"]["scale"] == 2.0**7
+    longer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    longer._restore_state(saved)
+    assert longer.accelerator.scaler.get_scale() == 2.0**7
