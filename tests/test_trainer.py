@@ -354,3 +354,24 @@ def test_latest_resumes_finished_runs_and_add_steps_never_trains_at_lr_0(tmp_pat
     longer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     longer._restore_state(saved)
     assert longer.accelerator.scaler.get_scale() == 2.0**7
+
+
+def test_persistent_non_finite_losses_stop_the_run_with_a_clear_error(tmp_path):
+    # LR 1e30 sends the LoRA weights to ~1e30 at the first update; every later loss overflows. The second
+    # skip in a row ends the run (exit 1, no checkpoint) and the workers, which ignore SIGTERM, do not keep
+    # the interpreter from exiting.
+    from student_model_v2.oom_guard import group_members
+
+    out = tmp_path / "run"
+    command = [sys.executable, str(SCRIPT), *FAST, "--max_train_steps", "50", "--output_dir", str(out),
+               "--learning_rate", "1e30", "--max_grad_norm", "0", "--adam_weight_decay", "0",
+               "--max_consecutive_nonfinite", "2", "--num_workers", "2", "--persistent_workers"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log, _ = process.communicate(timeout=600)
+    assert process.returncode == 1, log[-3000:]
+    assert "NonFiniteLossError: 2 consecutive optimizer steps (up to step 3)" in log, log[-3000:]
+    # the first skip is a warning, the second in a row the error
+    assert "--max_consecutive_nonfinite 2" in log and log.count("update skipped on every rank") == 1, log[-3000:]
+    assert not list(out.glob("checkpoint-*")), "no checkpoint after a non-finite stop"
+    assert not group_members(process.pid), "no worker may outlive the trainer"

@@ -52,7 +52,7 @@ from .checkpointing import (
 from .data import build_dataloaders
 from .nonfinite import NonFiniteGuard
 from .previews import save_preview_grid
-from .stopping import SIGTERM_EXIT_CODE, StopRequest, shutdown_workers
+from .stopping import SIGTERM_EXIT_CODE, StopRequest, install_exit_reaper, shutdown_workers
 
 logger = logging.getLogger("student_model_v2.train")
 __all__ = ["SIGTERM_EXIT_CODE", "Trainer", "Objective", "run", "make_parser"]
@@ -347,6 +347,7 @@ class Trainer:
         self.max_epochs = max(1, math.ceil(self.total_steps / self.steps_per_epoch))
         self.stop = StopRequest()
         self._epoch_loader: Any = None
+        self._batches: Any = None
 
     # ----------------------------------------------------------------------------- setup
     def _resolve_output_dir(self) -> Path:
@@ -638,9 +639,12 @@ class Trainer:
         The data workers are shut down on every way out (they ignore SIGTERM, see ``stopping.py``).
         """
         self.stop.install()
+        install_exit_reaper()
         try:
             stop_reason = self._train_loop()
         finally:
+            if hasattr(self._batches, "close"):
+                self._batches.close()  # frees a non-persistent loader's iterator, which joins its workers
             shutdown_workers(self._epoch_loader, self.train_loader, self.val_loader, self.test_loader)
         if stop_reason == "signal":
             sys.exit(SIGTERM_EXIT_CODE)
@@ -670,7 +674,8 @@ class Trainer:
             self._epoch_loader = loader
             loader.set_epoch(self.epoch)
             last_batch = None
-            for batch in loader:
+            self._batches = iter(loader)
+            for batch in self._batches:
                 last_batch = batch
                 self.dataset_stats.update(batch.get("data_issues"))
                 out = self.train_step(batch)
