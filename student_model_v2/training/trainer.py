@@ -55,7 +55,6 @@ from .previews import save_preview_grid
 from .stopping import SIGTERM_EXIT_CODE, StopRequest, install_exit_reaper, shutdown_workers
 
 logger = logging.getLogger("student_model_v2.train")
-__all__ = ["SIGTERM_EXIT_CODE", "Trainer", "Objective", "run", "make_parser"]
 
 
 class StudentForward(nn.Module):
