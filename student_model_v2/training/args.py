@@ -85,6 +85,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     opt.add_argument("--allow_tf32", action="store_true")
     opt.add_argument("--seed", type=int, default=42)
+    opt.add_argument("--max_consecutive_nonfinite", type=int, default=5,
+                     help="stop with an error after this many optimizer steps in a row whose loss (on any rank) or "
+                     "gradient was NaN/Inf; each such step is skipped on every rank and counted (0 = never stop)")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora_rank", type=int, default=64)
@@ -104,11 +107,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     distil.add_argument("--attnx_scale", type=float, default=1.0)
 
     resume = parser.add_argument_group("resume and evaluation")
-    resume.add_argument("--resume_path", default="", help="a checkpoint folder of this trainer (or 'latest')")
+    resume.add_argument("--resume_path", default="",
+                        help="a checkpoint folder of this trainer, or 'latest': the folder of output_dir (step, epoch "
+                        "or final) with the highest global_step")
     resume.add_argument("--resume_optimizer", action="store_true",
                         help="also restore optimizer, LR schedule, RNG and data position from training_state.pt")
     resume.add_argument("--resume_add_steps", type=int, default=0,
-                        help="> 0: train this many more steps after resuming (the LR schedule keeps its horizon)")
+                        help="> 0: train this many more steps after resuming (the LR schedule keeps its horizon; "
+                        "refused when the added steps would train at LR 0, e.g. after a cosine with --lr_min_ratio 0)")
     resume.add_argument("--eval_batches", type=int, default=1, help="val batches per evaluation (0 = off)")
     resume.add_argument("--stop_after_steps", type=int, default=0,
                         help="> 0: checkpoint and stop after this many updates of this run, keeping the schedule of "

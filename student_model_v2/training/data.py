@@ -8,6 +8,7 @@ sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import argparse
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -91,16 +92,24 @@ def _worker_init(num_threads: int):
     def init(_worker_id: int) -> None:
         import cv2
 
+        # SIGTERM/SIGINT reach the whole process group; the main process checkpoints and then stops the
+        # workers itself (training/stopping.py), so a worker must not die under it mid-window.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.set_num_threads(num_threads)
         cv2.setNumThreads(num_threads)
 
     return init
 
 
-def build_dataloaders(args: argparse.Namespace) -> Loaders:
+def build_dataloaders(args: argparse.Namespace, eval_samples: int | None = None) -> Loaders:
     """Train/val/test loaders over a deterministic split (``--train/val/test_ratio``, ``--split_seed``).
 
-    They are not sharded here: ``accelerator.prepare`` splits them across processes.
+    They are not sharded here: ``accelerator.prepare`` splits them across processes. ``eval_samples``
+    cuts val/test to their first samples (``eval_batches x batch x world``), so an evaluation reads its
+    loader to the end: breaking out of an accelerate-prepared loader would leave it registered as the
+    active one and break gradient accumulation (0 = no val/test loaders at all). The cut is a Subset of
+    the split's Subset, so the eval sampler's ``set_epoch`` never re-seeds the dataset training shares.
     """
     dataset = build_dataset(args)
     splits = make_splits(dataset, (args.train_ratio, args.val_ratio, args.test_ratio), args.split_seed)
@@ -116,6 +125,8 @@ def build_dataloaders(args: argparse.Namespace) -> Loaders:
 
     def eval_loader(name: str) -> DataLoader | None:
         subset = splits[name]
+        if eval_samples is not None:
+            subset = Subset(subset, range(min(len(subset), eval_samples)))
         if len(subset) == 0:
             return None
         return DataLoader(subset, sampler=EpochSampler(subset, args.seed, shuffle=False), **common)

@@ -13,9 +13,9 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,13 +37,24 @@ from ..distillation.adapter_info import Objective as AdapterObjective
 from ..distillation.conditioning import EncodedBatch, UncondCaptionCache, encode_batch
 from ..distillation.lora import adapters_disabled, add_lora, detect_lora_targets, load_lora, lora_parameter_counts
 from .args import build_parser
-from .checkpointing import latest_checkpoint, load_training_state, restore_rng_state, rng_state, save_checkpoint
+from .checkpointing import (
+    STATE_FILE,
+    check_finite,
+    latest_checkpoint,
+    load_training_state,
+    recover_checkpoints,
+    recover_folder,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from .data import build_dataloaders
 from .distributed import refuse_sharded_teacher
+from .nonfinite import NonFiniteGuard
 from .previews import save_preview_grid
+from .stopping import SIGTERM_EXIT_CODE, StopRequest, install_exit_reaper, shutdown_workers
 
 logger = logging.getLogger("student_model_v2.train")
-SIGTERM_EXIT_CODE = 143
 
 
 class StudentForward(nn.Module):
@@ -331,7 +342,7 @@ class Trainer:
             params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
         )
-        loaders = build_dataloaders(args)
+        loaders = build_dataloaders(args, eval_samples=args.eval_batches * args.train_batch_size * acc.num_processes)
         self.dataset_stats = loaders.stats
         self.student, self.optimizer, self.train_loader = acc.prepare(self.student, self.optimizer, loaders.train)
         self.val_loader = acc.prepare(loaders.val) if loaders.val is not None else None
@@ -342,6 +353,8 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / args.gradient_accumulation_steps))
         self.global_step, self.epoch, self.batches_done = 0, 0, 0
         self.ema_loss: float | None = None
+        self.nonfinite = NonFiniteGuard(args.max_consecutive_nonfinite, acc.device)
+        self.update_skipped = False
         state = load_training_state(self.resume_dir) if self.resume_dir is not None and args.resume_optimizer else None
         self.schedule_steps, self.total_steps = self._step_plan(state)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer,
@@ -350,8 +363,11 @@ class Trainer:
             self._restore_state(state)
         if args.resume_add_steps > 0:
             self.total_steps = self.global_step + args.resume_add_steps
+        self._check_lr_stays_positive()
         self.max_epochs = max(1, math.ceil(self.total_steps / self.steps_per_epoch))
-        self.stop_requested = False
+        self.stop = StopRequest()
+        self._epoch_loader: Any = None
+        self._batches: Any = None
 
     # ----------------------------------------------------------------------------- setup
     def _resolve_output_dir(self) -> Path:
@@ -387,15 +403,10 @@ class Trainer:
 
     def _build_student(self) -> tuple[nn.Module, Path | None]:
         args = self.args
-        resume = args.resume_path
-        if resume == "latest":
-            found = latest_checkpoint(self.output_dir)
-            resume = str(found) if found is not None else ""
-            if not resume:
-                logger.info("resume_path=latest: no checkpoint in %s, starting fresh", self.output_dir)
-        if resume:
+        resume = self._resolve_resume()
+        if resume is not None:
             logger.info("resuming LoRA from %s (its adapter_config wins over --lora_rank/--lora_alpha)", resume)
-            return load_lora(self.model, resume, trainable=True), Path(resume)
+            return load_lora(self.model, str(resume), trainable=True), resume
         return add_lora(self.model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets), None
 
     def _adopt_adapter_settings(self) -> None:
@@ -407,6 +418,47 @@ class Trainer:
                            "--lora_alpha (%s, %d, %g) do not apply to it", *found, args.lora_targets, args.lora_rank,
                            args.lora_alpha)
         args.lora_targets, args.lora_rank, args.lora_alpha = found
+
+    def _resolve_resume(self) -> Path | None:
+        """The checkpoint to resume from: the main process decides and broadcasts it (collective).
+
+        Ranks resolving ``latest`` on their own could pick different folders (a save in flight, a
+        filesystem that is not shared); a refusal is broadcast too, so every rank fails with it.
+        """
+        acc = self.accelerator
+        if not self.args.resume_path:
+            return None
+        choice = list(self._find_checkpoint()) if acc.is_main_process else ["", ""]
+        if acc.num_processes > 1:
+            broadcast_object_list(choice)
+        folder, error = choice
+        if error:
+            raise FileNotFoundError(error)
+        if not folder:
+            return None
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"rank {acc.process_index}: checkpoint {folder} chosen by the main process is not "
+                                    "visible here; every machine must see the output_dir on a shared filesystem")
+        return Path(folder)
+
+    def _find_checkpoint(self) -> tuple[str, str]:
+        """(folder or "", refusal or ""), after settling what an interrupted save left (main process only)."""
+        args = self.args
+        if args.resume_path != "latest":
+            folder = Path(args.resume_path)
+            recover_folder(folder)
+            if not folder.is_dir():
+                return "", f"--resume_path {folder}: no such checkpoint folder"
+            return str(folder), ""
+        recover_checkpoints(self.output_dir)
+        found = latest_checkpoint(self.output_dir)
+        if found is not None:
+            return str(found), ""
+        if args.resume_optimizer:
+            return "", (f"--resume_path latest --resume_optimizer: no checkpoint folder with {STATE_FILE} in "
+                        f"{self.output_dir}; check --output_dir, or drop --resume_optimizer to start a new run")
+        logger.info("resume_path=latest: no checkpoint in %s, starting fresh", self.output_dir)
+        return "", ""
 
     def _planned_steps(self) -> int:
         args = self.args
@@ -435,8 +487,31 @@ class Trainer:
         return schedule, total
 
     # ----------------------------------------------------------------------------- state
+    def _check_lr_stays_positive(self) -> None:
+        """Refuse a plan whose remaining steps would train at LR 0 instead of doing it silently.
+
+        After warmup the schedule is non-increasing, so its smallest value over the remaining steps is
+        at the first or the last of them; with ``--resume_add_steps`` past a cosine that decayed to a
+        0 floor, that is 0.
+        """
+        args = self.args
+        if self.global_step >= self.total_steps:
+            return
+        scale = _lr_lambda(args, self.schedule_steps)
+        if args.learning_rate * min(scale(self.global_step), scale(self.total_steps - 1)) <= 0:
+            raise ValueError(
+                f"optimizer steps {self.global_step + 1}..{self.total_steps} would train at learning rate 0: the "
+                f"{args.lr_scheduler} schedule (--learning_rate {args.learning_rate}) of this run ends at step "
+                f"{self.schedule_steps} with --lr_min_ratio {args.lr_min_ratio}. Pass --lr_min_ratio > 0 (the floor "
+                "the added steps train at) or --lr_scheduler constant with --resume_add_steps")
+
     def _training_state(self) -> dict[str, Any]:
         states = gather_object([rng_state(self.generator)])
+        per_rank_stats = gather_object([self.dataset_stats.as_dict()])
+        total_stats: Counter = Counter()
+        for counts in per_rank_stats:
+            total_stats.update(counts)
+        scaler = self.accelerator.scaler
         return {
             "global_step": self.global_step,
             "epoch": self.epoch,
@@ -448,27 +523,61 @@ class Trainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "rng": states,
             "num_processes": self.accelerator.num_processes,
-            "dataset_stats": self.dataset_stats.as_dict(),
+            "train_batch_size": self.args.train_batch_size,
+            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+            "dataset_stats": dict(total_stats),
+            "dataset_stats_per_rank": per_rank_stats,
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            "nonfinite_skips": self.nonfinite.skipped,
         }
 
+    def _check_same_layout(self, state: dict[str, Any]) -> None:
+        """Refuse to resume exactly under another world size, batch size or accumulation.
+
+        The data position is a count of per-rank micro-batches and the RNG streams and data-issue
+        counts are per rank: under another layout they would silently mean other samples and noise.
+        (Checkpoints written before these keys existed are checked for the world size only.)
+        """
+        now = {"num_processes": self.accelerator.num_processes, "train_batch_size": self.args.train_batch_size,
+               "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+        changed = [f"{key} {state[key]} -> {value}" for key, value in now.items()
+                   if state.get(key) is not None and state[key] != value]
+        if changed:
+            raise ValueError(
+                f"{self.resume_dir}: cannot continue this run exactly with a different layout ({', '.join(changed)}); "
+                "resume with the checkpoint's processes, batch size and accumulation, or drop --resume_optimizer "
+                "to start a new run from its adapter weights (see docs/training.md, world-size change)")
+
     def _restore_state(self, state: dict[str, Any]) -> None:
+        acc = self.accelerator
+        self._check_same_layout(state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.global_step = int(state["global_step"])
         self.epoch = int(state["epoch"])
         self.batches_done = int(state["batches_done"])
         self.ema_loss = state["ema_loss"]
-        if state["num_processes"] == self.accelerator.num_processes:
-            restore_rng_state(state["rng"][self.accelerator.process_index], self.generator)
+        restore_rng_state(state["rng"][acc.process_index], self.generator)
+        self.nonfinite.skipped = int(state.get("nonfinite_skips", 0))
+        per_rank_stats = state.get("dataset_stats_per_rank")
+        if per_rank_stats is not None:
+            self.dataset_stats.counts.update(per_rank_stats[acc.process_index])
         else:
-            logger.warning("resuming on %d processes from a %d-process run: RNG streams restart",
-                           self.accelerator.num_processes, state["num_processes"])
+            logger.warning("%s predates per-rank data-issue counts: the skipped-sample counts restart at 0", self.resume_dir)
+        saved_scaler = state.get("grad_scaler")
+        if acc.scaler is not None and saved_scaler is not None:
+            acc.scaler.load_state_dict(saved_scaler)
+        elif acc.scaler is not None:
+            logger.warning("%s holds no fp16 grad-scaler state: the loss scale restarts at its initial value",
+                           self.resume_dir)
         logger.info("resumed at step %d (epoch %d, %d batches into it)", self.global_step, self.epoch, self.batches_done)
 
     def save(self, name: str) -> Path:
         """Checkpoint folder ``name`` (collective: every rank calls it)."""
         state = self._training_state()
         folder = self.output_dir / name
+        trainable = ((n, p) for n, p in self.student.named_parameters() if p.requires_grad)
+        check_finite(trainable, state["optimizer"], folder)  # on every rank, so all ranks stop together
         if self.accelerator.is_main_process:
             save_checkpoint(folder, self.accelerator.unwrap_model(self.student).peft_model, state,
                             self.objective.adapter_info())
@@ -491,15 +600,37 @@ class Trainer:
         acc = self.accelerator
         with acc.accumulate(self.student):
             out = self._micro_step(batch, self.generator)
+            self.nonfinite.observe(out.loss)
             acc.backward(out.loss)
-            if acc.sync_gradients and self.args.max_grad_norm > 0:
-                acc.clip_grad_norm_(self.student.parameters(), self.args.max_grad_norm)
-            self.optimizer.step()
+            if acc.sync_gradients:
+                self.update_skipped = self._apply_update()
             self.optimizer.zero_grad(set_to_none=True)
         return out
 
+    def _apply_update(self) -> bool:
+        """Clip and step at an accumulation boundary, unless the non-finite guard skips it (returns True).
+
+        A skip leaves weights and optimizer state untouched on every rank (the gradients are zeroed by
+        the caller); under fp16 the grad scaler backs off as it does for an overflow.
+        """
+        acc = self.accelerator
+        norm = acc.clip_grad_norm_(self.student.parameters(), self.args.max_grad_norm) if self.args.max_grad_norm > 0 else None
+        if not self.nonfinite.decide(acc, None if acc.scaler is not None else norm, self.global_step + 1):
+            self.optimizer.step()
+            return False
+        if acc.scaler is not None:
+            acc.scaler.update(acc.scaler.get_scale() * acc.scaler.get_backoff_factor())
+        logger.warning("non-finite loss or gradient at optimizer step %d: update skipped on every rank (%d skipped so "
+                       "far, %d in a row)", self.global_step + 1, self.nonfinite.skipped, self.nonfinite.consecutive)
+        return True
+
     def evaluate(self, split: str) -> float | None:
-        """Objective loss on up to ``eval_batches`` batches of a split, on every rank (collective)."""
+        """Objective loss on the split's fixed first ``eval_batches x batch x world`` samples (collective).
+
+        The loader holds exactly that subset and is read to its end: leaving an accelerate-prepared
+        loader early would keep it registered as the active one, and the accumulation boundaries of
+        training would then follow the eval loader instead of the training loader.
+        """
         loader = self.val_loader if split == "val" else self.test_loader
         if loader is None or self.args.eval_batches <= 0:
             return None
@@ -507,9 +638,7 @@ class Trainer:
         self.student.eval()
         losses = []
         with torch.no_grad():
-            for index, batch in enumerate(loader):
-                if index >= self.args.eval_batches:
-                    break
+            for batch in loader:
                 losses.append(self._micro_step(batch, generator).loss.detach().float().reshape(1))
         self.student.train()
         local = torch.cat(losses) if losses else torch.zeros(0, device=self.accelerator.device)
@@ -530,20 +659,34 @@ class Trainer:
         finally:
             student.train()
 
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum: int, _frame: Any) -> None:
-            self.stop_requested = True
-            logger.warning("received signal %d: will checkpoint after the current optimizer step", signum)
-
-        signal.signal(signal.SIGTERM, request_stop)
-
     def _should_stop(self) -> bool:
-        flag = torch.tensor(1.0 if self.stop_requested else 0.0, device=self.accelerator.device)
+        flag = torch.tensor(1.0 if self.stop.requested else 0.0, device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
 
     def train(self) -> None:
+        """Train to the planned step; on SIGTERM checkpoint and exit with ``SIGTERM_EXIT_CODE``.
+
+        The data workers are shut down on every way out (they ignore SIGTERM, see ``stopping.py``).
+        """
+        self.stop.install()
+        install_exit_reaper()
+        try:
+            stop_reason = self._train_loop()
+        finally:
+            if hasattr(self._batches, "close"):
+                self._batches.close()  # frees a non-persistent loader's iterator, which joins its workers
+            shutdown_workers(self._epoch_loader, self.train_loader, self.val_loader, self.test_loader)
+        if stop_reason == "signal":
+            sys.exit(SIGTERM_EXIT_CODE)
+
+    def _train_loop(self) -> str | None:
+        """The epoch/step loop; returns why it stopped early (None when it reached the planned step)."""
         args, acc = self.args, self.accelerator
-        self._install_signal_handlers()
+        if self.global_step >= self.total_steps:
+            logger.warning("%s is already at step %d of %d: nothing to train and no checkpoint rewritten; pass "
+                           "--resume_add_steps N to train longer", self.resume_dir, self.global_step, self.total_steps)
+            acc.end_training()
+            return None
         if acc.is_main_process:
             counts = self.lora_parameters
             logger.info("LoRA parameters (%s targets): %s (UNet %s + AttnX %s, WriteNet %s); optimizer steps: %d "
@@ -559,9 +702,11 @@ class Trainer:
             loader = self.train_loader
             if self.batches_done:
                 loader = acc.skip_first_batches(self.train_loader, self.batches_done)
+            self._epoch_loader = loader
             loader.set_epoch(self.epoch)
             last_batch = None
-            for batch in loader:
+            self._batches = iter(loader)
+            for batch in self._batches:
                 last_batch = batch
                 self.dataset_stats.update(batch.get("data_issues"))
                 out = self.train_step(batch)
@@ -595,30 +740,33 @@ class Trainer:
             acc.end_training()
             logger.warning("stopped early (%s) at step %d; resume with --resume_path latest --resume_optimizer",
                            stop_reason, self.global_step)
-            if stop_reason == "signal":
-                sys.exit(SIGTERM_EXIT_CODE)
-            return
+            return stop_reason
         self.save("checkpoint-final")
         self.evaluate("val")
         self.evaluate("test")
         acc.end_training()
+        return None
 
     def _after_step(self, out: LossOutput, progress: tqdm, started: float, run_steps: int, batch: dict[str, Any]) -> None:
         args, acc = self.args, self.accelerator
         loss = float(acc.reduce(out.loss.detach().float(), reduction="mean"))
-        self.ema_loss = loss if self.ema_loss is None else 0.9 * self.ema_loss + 0.1 * loss
+        if not self.update_skipped:
+            self.ema_loss = loss if self.ema_loss is None else 0.9 * self.ema_loss + 0.1 * loss
         if self.global_step % max(1, args.logging_steps) == 0 or self.global_step == 1:
             elapsed = time.perf_counter() - started
             rate = run_steps / max(elapsed, 1e-9)
             samples = rate * args.train_batch_size * args.gradient_accumulation_steps * acc.num_processes
             lr = self.lr_scheduler.get_last_lr()[0]
             mem = _peak_memory_gb(acc.device)
-            skipped = self.dataset_stats.skipped_total()
-            progress.set_postfix(loss=f"{loss:.4g}", ema=f"{self.ema_loss:.4g}", lr=f"{lr:.2e}", it_s=f"{rate:.2f}",
-                                 samples_s=f"{samples:.2f}", mem_gb=f"{mem:.2f}", skipped=skipped)
-            scalars = {"train/loss": loss, "train/loss_ema": self.ema_loss, "train/lr": lr, "train/it_s": rate,
+            local_skipped = torch.tensor(self.dataset_stats.skipped_total(), dtype=torch.int64, device=acc.device)
+            skipped = int(acc.reduce(local_skipped, reduction="sum"))  # all ranks: each sees its own shard
+            ema = float("nan") if self.ema_loss is None else self.ema_loss
+            progress.set_postfix(loss=f"{loss:.4g}", ema=f"{ema:.4g}", lr=f"{lr:.2e}", it_s=f"{rate:.2f}",
+                                 samples_s=f"{samples:.2f}", mem_gb=f"{mem:.2f}", skipped=skipped,
+                                 nonfinite=self.nonfinite.skipped)
+            scalars = {"train/loss": loss, "train/loss_ema": ema, "train/lr": lr, "train/it_s": rate,
                        "train/samples_s": samples, "train/peak_mem_gb": mem, "train/epoch": self.epoch,
-                       "data/skipped_samples": skipped}
+                       "data/skipped_samples": skipped, "train/nonfinite_skips": self.nonfinite.skipped}
             scalars.update({f"train/{k}": v for k, v in out.terms.items()})
             acc.log(scalars, step=self.global_step)
         if args.log_image_steps and self.global_step % args.log_image_steps == 0 and acc.is_main_process:
