@@ -42,6 +42,7 @@ from PIL import Image, UnidentifiedImageError
 
 from student_model_v2.anytext2.checkpoint import DTYPES
 from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH
+from student_model_v2.inference.checks import check_adapter_flag
 from student_model_v2.inference.inputs import (
     DEFAULT_A_PROMPT,
     DEFAULT_N_PROMPT,
@@ -626,9 +627,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InferenceInputError(f"--model_path {args.model_path}: no such checkpoint file")
     if args.config and not Path(args.config).is_file():
         raise InferenceInputError(f"--config {args.config}: no such model YAML")
-    if args.student_lora_path and not (Path(args.student_lora_path) / "adapter_config.json").is_file():
-        raise InferenceInputError(f"--student_lora_path {args.student_lora_path}: not a LoRA adapter folder "
-                                  "(no adapter_config.json)")
+    if args.student_lora_path:  # refused at start-up, with the CLI's message, before the model is built
+        check_adapter_flag("--student_lora_path", model_config_path(args), args.student_lora_path)
     if not Path(args.font_path).is_file():
         raise InferenceInputError(f"--font_path {args.font_path}: no such font file")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -639,10 +639,14 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InferenceInputError(f"--image_count must be 1-12, got {args.image_count}")
 
 
+def model_config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config) if args.config else (FULL_CONFIG if args.model_path else TINY_CONFIG)
+
+
 def load_pipeline(args: argparse.Namespace) -> AnyText2Pipeline:
     device = torch.device(args.device) if args.device else default_device()
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
-    config = args.config or (FULL_CONFIG if args.model_path else TINY_CONFIG)
+    config = model_config_path(args)
     return AnyText2Pipeline.from_pretrained(
         config, args.model_path or None, args.student_lora_path or None, lora_scale=args.lora_scale,
         merge_lora=not args.use_ddim_sampler, device=device, dtype=dtype, font_path=args.font_path,
@@ -650,7 +654,7 @@ def load_pipeline(args: argparse.Namespace) -> AnyText2Pipeline:
 
 
 def model_note(args: argparse.Namespace, pipeline: AnyText2Pipeline) -> str:
-    config = Path(args.config or (FULL_CONFIG if args.model_path else TINY_CONFIG)).name
+    config = model_config_path(args).name
     weights = (f"checkpoint `{args.model_path}`" if args.model_path else
                "**random init-rule weights** (tiny test model: the images are noise, the controls all work)")
     lora = (f"student LoRA `{pipeline.lora_path}`" if pipeline.has_lora

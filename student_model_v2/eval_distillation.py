@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: see _script_mode.py
     import _script_mode  # noqa: F401
 
 from student_model_v2.anytext2.checkpoint import build_random_teacher, load_teacher
-from student_model_v2.distillation.lora import load_lora
+from student_model_v2.distillation.lora import AdapterError, check_adapter, load_lora, read_adapter
 from student_model_v2.evaluation.distillation import held_out_batches, latent_gaps, training_args
 from student_model_v2.evaluation.report import write_json
 
@@ -36,7 +37,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="teacher CFG scale s (LCM w = s - 1)")
     parser.add_argument("--output_json", default="")
     args = parser.parse_args(argv)
-    run = training_args(args.adapter)
+    try:  # a wrong folder fails in seconds: the adapter's files first, then its fit to the run's model config
+        read_adapter(args.adapter)
+        run = training_args(args.adapter)
+        check_adapter(run.config, args.adapter)
+    except AdapterError as exc:
+        print(f"error: --adapter {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
     args.num_inference_steps, args.negative_prompt = run.num_inference_steps, run.negative_prompt
     if run.teacher_ckpt:
         model = load_teacher(run.config, run.teacher_ckpt, trust_pickle=run.trust_checkpoint)

@@ -147,7 +147,8 @@ def test_examples_are_valid_requests():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--student_lora_path", "{tmp}"], "not a LoRA adapter folder"),
+    (["--student_lora_path", "{tmp}"], "--student_lora_path {tmp}: not an adapter folder"),
+    (["--student_lora_path", "{tmp}/none"], "--student_lora_path {tmp}/none: no such folder"),
     (["--model_path", "{tmp}/missing.ckpt"], "no such checkpoint file"),
     (["--image_size", "100"], "--image_size must be a multiple of 64"),
     (["--font_path", "{tmp}/none.ttf"], "no such font file"),
@@ -155,7 +156,7 @@ def test_examples_are_valid_requests():
 def test_cli_bad_arguments_are_one_error_line(tmp_path, capsys, argv, message):
     assert demo_v2.main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert err.startswith("error: ") and message.format(tmp=tmp_path) in err and "Traceback" not in err
 
 
 def test_lora_is_merged_for_lcm_and_kept_apart_for_ddim(student_lora_dir):
@@ -286,7 +287,7 @@ def test_client_edits_an_image_with_a_painted_mask(served, client):
                                       edit_img=_editor(files["bg"], [files["layer"]]), show_debug=False, seed=5,
                                       api_name="/edit", **NO_MIMICS)
     assert len(gallery) == 1 and np.asarray(Image.open(gallery[0]["image"])).shape == (SIZE, SIZE, 3)
-    assert "· edit ·" in details and "2 positions for 1 texts" in details
+    assert "· edit ·" in details and "2 positions for 1 quoted text:" in details
 
 
 def test_client_teacher_mode_uses_cfg_and_free_steps(client):
