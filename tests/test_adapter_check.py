@@ -143,3 +143,11 @@ def test_the_pipeline_refuses_it_before_peft_loads_anything(wrong_shapes_adapter
     with pytest.raises(InferenceInputError, match=f"^student LoRA {re.escape(str(wrong_shapes_adapter))} does not fit this model: "):
         pipe.load_lora(wrong_shapes_adapter)
     assert not pipe.has_lora and not any("lora_" in name for name, _ in tiny_teacher.named_parameters())
+
+
+def test_from_pretrained_checks_the_adapter_before_building_the_teacher(wrong_shapes_adapter, monkeypatch):
+    from student_model_v2.inference import pipeline
+
+    monkeypatch.setattr(pipeline, "load_swapped_teacher", _refuse([]))
+    with pytest.raises(InferenceInputError, match=f"^student LoRA {re.escape(str(wrong_shapes_adapter))} does not fit"):
+        AnyText2Pipeline.from_pretrained(TINY_YAML, lora_path=wrong_shapes_adapter, device="cpu")

@@ -146,10 +146,27 @@ def _first(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
 
 
+_EXPECTED: dict[tuple[str, str], tuple[dict[str, tuple[int, ...]], list[str]]] = {}
+_EXPECTED_KEPT = 8
+
+
 def expected_lora_shapes(model_config: ModelConfig, lora_config: LoraConfig) -> tuple[dict[str, tuple[int, ...]],
                                                                                       list[str]]:
     """(tensor name -> shape that peft would create for ``lora_config`` on this model, the listed target
-    modules no module of the model matches). Built on the ``meta`` device: no memory, about a second for SD1.5."""
+    modules no module of the model matches). Remembered per (model config, LoRA config): a CLI checks the
+    adapter at start-up and again when it applies it, and the answer cannot differ."""
+    key = (repr(model_config), json.dumps(lora_config.to_dict(), sort_keys=True, default=str))
+    if key not in _EXPECTED:
+        if len(_EXPECTED) >= _EXPECTED_KEPT:
+            _EXPECTED.pop(next(iter(_EXPECTED)))
+        _EXPECTED[key] = _peft_lora_shapes(model_config, lora_config)
+    shapes, unmatched = _EXPECTED[key]
+    return dict(shapes), list(unmatched)
+
+
+def _peft_lora_shapes(model_config: ModelConfig, lora_config: LoraConfig) -> tuple[dict[str, tuple[int, ...]],
+                                                                                 list[str]]:
+    """:func:`expected_lora_shapes`, computed on the ``meta`` device: no memory, about two seconds for SD1.5."""
     with torch.device("meta"):
         skeleton = AnyText2Model(model_config)
     names = [name for name, _ in skeleton.named_modules() if name]

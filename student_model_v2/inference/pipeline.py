@@ -42,7 +42,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..anytext2.config import REPO_ROOT
+from ..anytext2.config import REPO_ROOT, ConfigError
 from ..anytext2.model import AnyText2Model, TextInfo
 from ..anytext2.ocr_preprocess import crop_image
 from ..data.glyph_render import (
@@ -59,7 +59,7 @@ from ..data.glyph_render import (
 )
 from ..distillation.conditioning import UncondCaptionCache
 from ..distillation.adapter_info import AdapterInfo
-from ..distillation.lora import AdapterError, adapters_disabled, load_lora
+from ..distillation.lora import AdapterError, adapters_disabled, check_adapter, load_lora
 from ..distillation.samplers import sample_student_lcm, sample_teacher_ddim
 from .cache import BlankLatentCache, is_blank_masked_image
 from .checks import check_steps, training_grid
@@ -538,6 +538,13 @@ def attach_student_lora(model: AnyText2Model, path: str | os.PathLike[str], scal
 def build_model(recipe: ModelRecipe) -> tuple[AnyText2Model, Any, list[str]]:
     """The recipe's model on the CPU: the teacher with its swaps (``model_swaps.py``), then the student
     LoRA applied as recorded; also the peft handle and the swap notes."""
+    if recipe.lora_path:  # a wrong adapter fails in seconds, before the teacher is loaded
+        try:
+            check_adapter(recipe.config, recipe.lora_path)
+        except AdapterError as exc:
+            raise InferenceInputError(f"student LoRA {exc}") from exc
+        except ConfigError as exc:
+            raise InferenceInputError(str(exc)) from exc
     model, notes = load_swapped_teacher(recipe)
     peft = None
     if recipe.lora_path:
