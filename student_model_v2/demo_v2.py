@@ -274,11 +274,12 @@ def refuse_bad_payloads(component: gr.components.Component) -> gr.components.Com
             return preprocess(payload)
         except gr.Error as exc:
             raise gr.Error(f"'{label}': {exc.message}", title="Invalid input", print_exception=False) from exc
-        except (UnidentifiedImageError, OSError) as exc:
-            raise gr.Error(f"cannot read the image given for '{label}': {exc}. Upload a PNG, JPEG or WebP image.",
-                           title="Unreadable image", print_exception=False) from exc
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise gr.Error(f"'{label}': cannot use the value {payload!r} ({exc})", title="Invalid input",
+        except (UnidentifiedImageError, OSError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            if isinstance(component, gr.ImageEditor):
+                raise gr.Error(f"cannot read the image given for '{label}': {exc}. Upload a PNG, JPEG or WebP "
+                               "image.", title="Unreadable image", print_exception=False) from exc
+            shown = repr(payload) if len(repr(payload)) <= 60 else repr(payload)[:60] + "..."
+            raise gr.Error(f"'{label}': cannot use the value {shown} ({exc})", title="Invalid input",
                            print_exception=False) from exc
 
     component.preprocess = checked

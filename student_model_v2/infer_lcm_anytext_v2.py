@@ -35,7 +35,6 @@ from PIL import Image, ImageDraw
 
 from student_model_v2.anytext2.checkpoint import DTYPES
 from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
-from student_model_v2.distillation.lora import AdapterFolder
 from student_model_v2.inference.checks import (
     check_adapter_flag,
     check_size,
@@ -142,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_arguments(args: argparse.Namespace) -> AdapterFolder | None:
-    """Every flag checked before the (slow) model load; returns the checked student adapter, if any.
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every flag checked before the (slow) model load (the adapter against the model's config, too).
 
     ``--output_path`` is resolved in place (a folder gets ``sample.png``) so the run cannot fail at its end.
     """
@@ -184,7 +183,6 @@ def check_arguments(args: argparse.Namespace) -> AdapterFolder | None:
     if args.sampler == "teacher" or args.compare_teacher:
         check_steps("--teacher_steps", args.teacher_steps, teacher=True)
     args.output_path = str(resolve_output_path("--output_path", args.output_path))
-    return adapter
 
 
 def check_line_flags(args: argparse.Namespace) -> None:

@@ -56,6 +56,16 @@ def test_the_matching_adapter_passes_with_every_tensor_checked(student_lora_dir)
     assert len(adapter.shapes) == len(load_file(str(student_lora_dir / WEIGHTS))) > 0 and adapter.info is None
 
 
+def test_an_older_peft_bin_file_is_read_too(student_lora_dir, wrong_shapes_adapter, tmp_path):
+    for name, source in (("good", student_lora_dir), ("bad", wrong_shapes_adapter)):
+        (tmp_path / name).mkdir()
+        shutil.copy(source / "adapter_config.json", tmp_path / name)
+        torch.save(load_file(str(source / WEIGHTS)), tmp_path / name / "adapter_model.bin")
+    assert check_adapter(TINY_YAML, tmp_path / "good").shapes == check_adapter(TINY_YAML, student_lora_dir).shapes
+    with pytest.raises(AdapterMismatchError, match="LoRA tensors with other shapes"):
+        check_adapter(TINY_YAML, tmp_path / "bad")
+
+
 def test_an_adapter_for_another_model_is_one_message_with_counts_and_names(clip_qv_adapter):
     with pytest.raises(AdapterMismatchError) as info:
         check_adapter(TINY_YAML, clip_qv_adapter)

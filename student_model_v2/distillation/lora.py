@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import os
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +101,12 @@ def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                 return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
         except (SafetensorError, OSError) as exc:
             raise AdapterError(f"{path}: unreadable safetensors file ({exc})") from exc
-    try:
+    try:  # adapter_model.bin, as older peft versions saved it
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise AdapterError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise AdapterError(f"{path}: does not hold a state dict of tensors")
     return {key: tuple(value.shape) for key, value in state.items()}
 
 
