@@ -532,7 +532,7 @@ def build_demo(pipeline: AnyText2Pipeline, config: DemoConfig | None = None) -> 
                         height = gr.Slider(label="Height", minimum=64, maximum=1024, value=config.height, elem_id="height",
                                            step=64)
                     with gr.Row(variant="compact"):  # two per row: three sliders cramp a 1400-px window
-                        strength = gr.Slider(label="Strength (WriteNet control scale)", minimum=0.0, maximum=2.0,
+                        strength = gr.Slider(label="Strength", info="WriteNet control scale", minimum=0.0, maximum=2.0,
                                              value=1.0, step=0.01, min_width=240)
                         attnx_scale = gr.Slider(label="AttnX Scale", minimum=0.0, maximum=2.0, value=1.0, step=0.01,
                                                 min_width=240)
