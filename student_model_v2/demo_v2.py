@@ -42,6 +42,7 @@ from PIL import Image, UnidentifiedImageError
 
 from student_model_v2.anytext2.checkpoint import DTYPES
 from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH
+from student_model_v2.inference.checks import check_adapter_flag
 from student_model_v2.inference.inputs import (
     DEFAULT_A_PROMPT,
     DEFAULT_N_PROMPT,
@@ -258,24 +259,82 @@ def grid_canvas(width: int, height: int) -> dict:
 # the Gradio app
 
 
-def image_input(**kwargs: Any) -> gr.ImageMask:
-    """An image mask whose unreadable uploads give a clear message instead of Gradio's component error.
+def refuse_bad_payloads(component: gr.components.Component) -> gr.components.Component:
+    """Make a value Gradio's own checks refuse (an API call with a slider out of range, a non-number, an
+    unreadable upload) a message naming the widget, shown to the caller without a server traceback.
 
     The check wraps the instance's ``preprocess``: a subclass would do, but Gradio writes a ``.pyi`` stub
     beside the source file of every component class it sees defined.
     """
-    editor = gr.ImageMask(**kwargs)
-    preprocess = editor.preprocess
+    preprocess = component.preprocess
+    label = component.label or component.elem_id or type(component).__name__
 
     def checked(payload: Any) -> Any:
         try:
             return preprocess(payload)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise gr.Error(f"cannot read the image given for '{editor.label}': {exc}. Upload a PNG, JPEG or WebP "
-                           "image.", title="Unreadable image", print_exception=False) from exc
+        except gr.Error as exc:
+            raise gr.Error(f"'{label}': {exc.message}", title="Invalid input", print_exception=False) from exc
+        except (UnidentifiedImageError, OSError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            if isinstance(component, gr.ImageEditor):
+                raise gr.Error(f"cannot read the image given for '{label}': {exc}. Upload a PNG, JPEG or WebP "
+                               "image.", title="Unreadable image", print_exception=False) from exc
+            shown = repr(payload) if len(repr(payload)) <= 60 else repr(payload)[:60] + "..."
+            raise gr.Error(f"'{label}': cannot use the value {shown} ({exc})", title="Invalid input",
+                           print_exception=False) from exc
 
-    editor.preprocess = checked
-    return editor
+    component.preprocess = checked
+    return component
+
+
+def image_input(**kwargs: Any) -> gr.ImageMask:
+    """An image mask whose unreadable uploads give a clear message instead of Gradio's component error."""
+    return refuse_bad_payloads(gr.ImageMask(elem_classes=["keep-margin-strokes"], **kwargs))
+
+
+def brush_size(width: int, height: int) -> int:
+    """Brush diameter in canvas pixels: a twenty-fourth of the shorter side, so a stroke is about a text
+    line's height at any canvas size (Gradio's default, 25 px, covers a fifth of a 128-px canvas)."""
+    return max(3, round(min(width, height) / 24))
+
+
+def position_canvas_update(width: float, height: float) -> dict:
+    """The draw canvas at a new size: an empty grid of that size with a brush scaled to it."""
+    width, height = int(width), int(height)
+    return gr.update(value=grid_canvas(width, height), canvas_size=(width, height),
+                     brush=gr.Brush(default_size=brush_size(width, height), colors=["#000000"], color_mode="fixed"))
+
+
+# Gradio's brush ignores a press outside the image (the canvas margin), so a stroke started there was lost
+# ("0 positions"). Pixi, which draws the editor, gives a canvas the hovered object's cursor ("move" or
+# "none" over the image, "inherit" over the margin); once a press that began in the margin reaches the
+# image, this starts the stroke there, so the part inside the image is kept (the margin part is clipped).
+MARGIN_STROKES_JS = """
+() => {
+  let pending = null;
+  const MARGIN = ["", "inherit", "auto", "default"];
+  const overImage = (editor) => [...editor.querySelectorAll("canvas")].some((c) => !MARGIN.includes(c.style.cursor));
+  document.addEventListener("pointerdown", (event) => {
+    const editor = event.isTrusted && event.button === 0 && event.target instanceof HTMLCanvasElement
+      ? event.target.closest(".keep-margin-strokes") : null;
+    pending = editor && !overImage(editor) ? { editor, target: event.target, id: event.pointerId } : null;
+  }, true);
+  document.addEventListener("pointermove", (event) => {
+    if (!pending || event.pointerId !== pending.id) return;
+    if (!(event.buttons & 1)) { pending = null; return; }
+    const press = pending;
+    const at = { clientX: event.clientX, clientY: event.clientY, screenX: event.screenX, screenY: event.screenY };
+    setTimeout(() => {  // after the editor has handled this move (and updated its cursor)
+      if (pending !== press || !overImage(press.editor)) return;
+      pending = null;
+      press.target.dispatchEvent(new PointerEvent("pointerdown", { ...at, pointerId: press.id, pointerType: "mouse",
+        isPrimary: true, button: 0, buttons: 1, bubbles: true, cancelable: true, composed: true }));
+    }, 0);
+  }, true);
+  for (const type of ["pointerup", "pointercancel"]) {
+    document.addEventListener(type, () => { pending = null; }, true);
+  }
+}
+"""
 
 
 @dataclass
@@ -450,7 +509,8 @@ def build_demo(pipeline: AnyText2Pipeline, config: DemoConfig | None = None) -> 
     hollow_available = HOLLOW_NOISE_PATH.is_file()
 
     # delete_cache: uploads and results Gradio keeps in its temp folder are dropped after a day
-    with gr.Blocks(title="AnyText2 LCM-LoRA demo", analytics_enabled=False, delete_cache=(86400, 86400)) as demo:
+    with gr.Blocks(title="AnyText2 LCM-LoRA demo", analytics_enabled=False, delete_cache=(86400, 86400),
+                   fill_width=True) as demo:
         gr.Markdown("## AnyText2 → 4-step LCM-LoRA student\n" + config.model_note)
         with gr.Row(variant="compact"):
             with gr.Column(scale=3):
@@ -467,19 +527,23 @@ def build_demo(pipeline: AnyText2Pipeline, config: DemoConfig | None = None) -> 
                         ddim_steps = gr.Slider(label="Steps (DDIM)", minimum=1, maximum=TEACHER_MAX_STEPS,
                                                value=TEACHER_STEPS, step=1, visible=look.guided)
                     with gr.Row(variant="compact"):
-                        width = gr.Slider(label="Image Width", minimum=64, maximum=1024, value=config.width, step=64)
-                        height = gr.Slider(label="Image Height", minimum=64, maximum=1024, value=config.height,
+                        width = gr.Slider(label="Width", minimum=64, maximum=1024, value=config.width, step=64,
+                                          elem_id="width")
+                        height = gr.Slider(label="Height", minimum=64, maximum=1024, value=config.height, elem_id="height",
                                            step=64)
+                    with gr.Row(variant="compact"):  # two per row: three sliders cramp a 1400-px window
+                        strength = gr.Slider(label="Strength", info="WriteNet control scale", minimum=0.0, maximum=2.0,
+                                             value=1.0, step=0.01, min_width=240)
+                        attnx_scale = gr.Slider(label="AttnX Scale", minimum=0.0, maximum=2.0, value=1.0, step=0.01,
+                                                min_width=240)
                     with gr.Row(variant="compact"):
-                        strength = gr.Slider(label="Strength (WriteNet control scale)", minimum=0.0, maximum=2.0,
-                                             value=1.0, step=0.01)
                         cfg_scale = gr.Slider(label="CFG Scale", minimum=0.1, maximum=30.0, value=look.cfg,
-                                              step=0.1, interactive=look.guided, info=_cfg_info(look.guided))
-                        attnx_scale = gr.Slider(label="AttnX Scale", minimum=0.0, maximum=2.0, value=1.0, step=0.01)
-                    with gr.Row(variant="compact"):
-                        seed = gr.Slider(label="Seed (-1: random)", minimum=-1, maximum=MAX_SEED, value=-1, step=1)
-                        eta = gr.Number(label="eta (DDIM)", value=0.0, interactive=look.guided,
-                                        info=_eta_info(look.guided))
+                                              step=0.1, interactive=look.guided, info=_cfg_info(look.guided),
+                                              min_width=240)
+                        eta = gr.Number(label="eta (DDIM)", value=0.0, minimum=0.0, maximum=1.0,
+                                        interactive=look.guided, info=_eta_info(look.guided), min_width=240)
+                    seed = gr.Slider(label="Seed", info="-1: a random seed, shown with the result", minimum=-1,
+                                     maximum=MAX_SEED, value=-1, step=1)
                     with gr.Row(variant="compact"):
                         show_debug = gr.Checkbox(label="Show Debug (glyph and font-hint images, details)", value=True)
                         sort_priority = gr.Radio(list(SORT_PRIORITIES), value="↕", label="Sort Position",
@@ -520,12 +584,11 @@ def build_demo(pipeline: AnyText2Pipeline, config: DemoConfig | None = None) -> 
                 fonts, colors, mimics = [], [], []
                 font_values = [NO_FONT, MIMIC_FONT, *font_names]
                 for line in range(1, MAX_LINES + 1):
-                    with gr.Row(variant="compact"):
-                        gr.Markdown(f"**{line}**")
-                        fonts.append(gr.Dropdown(font_values, value=NO_FONT, label=f"Font {line}", scale=18,
-                                                 container=False, elem_id=f"font_{line}"))
-                        colors.append(gr.ColorPicker(value="#000000", label=f"Color {line}", scale=16,
-                                                     container=False, elem_id=f"color_{line}"))
+                    with gr.Row(variant="compact", equal_height=True):
+                        fonts.append(gr.Dropdown(font_values, value=NO_FONT, label=f"Font of line {line}", scale=3,
+                                                 elem_id=f"font_{line}"))
+                        colors.append(gr.ColorPicker(value="#000000", label=f"Colour of line {line}", scale=1,
+                                                     min_width=120, elem_id=f"color_{line}"))
                     mimics.append(image_input(label=f"Mimic font of line {line}", sources=["upload", "clipboard"],
                                               transforms=(), layers=False, visible=False,
                                               placeholder="Upload an image and paint over the text whose font to "
@@ -540,15 +603,11 @@ def build_demo(pipeline: AnyText2Pipeline, config: DemoConfig | None = None) -> 
                                     "type the positions above.")
                         draw_img = gr.Sketchpad(value=grid_canvas(config.width, config.height), label="Draw Position",
                                                 canvas_size=(config.width, config.height), type="numpy",
-                                                transforms=(), layers=False, elem_id="draw_img")
+                                                transforms=(), layers=False, elem_id="draw_img",
+                                                elem_classes=["keep-margin-strokes"],
+                                                brush=gr.Brush(default_size=brush_size(config.width, config.height),
+                                                               colors=["#000000"], color_mode="fixed"))
                         run_gen = gr.Button("Run!", variant="primary", elem_id="run_gen")
-                        example_gen_en, example_gen_zh, example_edit = _examples(font_names)
-                        gen_inputs = [img_prompt, text_prompt, positions_json, width, height, sort_priority,
-                                      fonts[0], fonts[1], colors[0], colors[1], seed]
-                        with gr.Tab("English examples"):
-                            gr.Examples(example_gen_en, gen_inputs, cache_examples=False, examples_per_page=5)
-                        with gr.Tab("Chinese examples"):
-                            gr.Examples(example_gen_zh, gen_inputs, cache_examples=False, examples_per_page=5)
                     with gr.Tab("Text Editing", id="edit"):
                         gr.Markdown("Upload an image and paint over the areas to rewrite (one area per text line), "
                                     "or type the positions above. Mimicking the font of the original text often "
@@ -556,25 +615,37 @@ def build_demo(pipeline: AnyText2Pipeline, config: DemoConfig | None = None) -> 
                         edit_img = image_input(label="Image to edit", sources=["upload", "clipboard"], type="numpy",
                                                transforms=(), layers=False, elem_id="edit_img")
                         run_edit = gr.Button("Run!", variant="primary", elem_id="run_edit")
-                        if example_edit:
-                            gr.Examples(example_edit, [img_prompt, text_prompt, edit_img, positions_json, img_count,
-                                                       seed], cache_examples=False, examples_per_page=5)
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Result", preview=True, columns=2, height=600, format="png",
                                      elem_id="result_gallery")
                 info = gr.Markdown("", label="Details", elem_id="result_info")
+        # full width, so every column an example sets is shown (in a half-width column the table was cut)
+        example_gen_en, example_gen_zh, example_edit = _examples(font_names)
+        gen_inputs = [img_prompt, text_prompt, positions_json, width, height, sort_priority, fonts[0], fonts[1],
+                      colors[0], colors[1], seed]
+        with gr.Tabs(elem_id="examples"):
+            with gr.Tab("English examples (generation)"):
+                gr.Examples(example_gen_en, gen_inputs, cache_examples=False, examples_per_page=5)
+            with gr.Tab("Chinese examples (generation)"):
+                gr.Examples(example_gen_zh, gen_inputs, cache_examples=False, examples_per_page=5)
+            if example_edit:
+                with gr.Tab("Editing examples"):
+                    gr.Examples(example_edit, [img_prompt, text_prompt, edit_img, positions_json, img_count, seed],
+                                cache_examples=False, examples_per_page=5)
 
         show_debug.change(lambda value: gr.update(visible=value), show_debug, info, api_visibility="private",
                           queue=False)
         sampler.change(_switch_sampler, sampler, [lcm_steps, ddim_steps, cfg_scale, eta, mode_note],
                        api_visibility="private", queue=False)
-        for slider in (width, height):
-            slider.release(lambda w, h: gr.update(value=grid_canvas(int(w), int(h)), canvas_size=(int(w), int(h))),
-                           [width, height], draw_img, api_visibility="private", queue=False)
+        for slider in (width, height):  # change, not release: an example's size must reach the canvas too
+            slider.change(position_canvas_update, [width, height], draw_img, api_visibility="private", queue=False)
         line_inputs = [c for triple in zip(fonts, colors, mimics) for c in triple]
         inputs = [img_prompt, text_prompt, positions_json, draw_img, edit_img, sort_priority, revise_pos,
                   *line_inputs, font_hollow, sampler, img_count, lcm_steps, ddim_steps, width, height, strength,
                   attnx_scale, cfg_scale, seed, eta, a_prompt, n_prompt, show_debug, base_model_path, lora_path_ratio]
+        for component in inputs:
+            if component not in (edit_img, *mimics):  # image_input() already checks those
+                refuse_bad_payloads(component)
         run_gen.click(backend.run, [gr.State("gen"), *inputs], [gallery, info], api_name="generate")
         run_edit.click(backend.run, [gr.State("edit"), *inputs], [gallery, info], api_name="edit")
     demo.queue(default_concurrency_limit=1)  # the pipeline serves one request at a time
@@ -584,7 +655,7 @@ def build_demo(pipeline: AnyText2Pipeline, config: DemoConfig | None = None) -> 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True) -> str:
     """Serve the page (no share link, no browser opened); returns its URL when ``block`` is False."""
     _, url, _ = demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True,
-                            prevent_thread_lock=not block, quiet=not block)
+                            prevent_thread_lock=not block, quiet=not block, js=MARGIN_STROKES_JS)
     return url
 
 
@@ -626,9 +697,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InferenceInputError(f"--model_path {args.model_path}: no such checkpoint file")
     if args.config and not Path(args.config).is_file():
         raise InferenceInputError(f"--config {args.config}: no such model YAML")
-    if args.student_lora_path and not (Path(args.student_lora_path) / "adapter_config.json").is_file():
-        raise InferenceInputError(f"--student_lora_path {args.student_lora_path}: not a LoRA adapter folder "
-                                  "(no adapter_config.json)")
+    if args.student_lora_path:  # refused at start-up, with the CLI's message, before the model is built
+        check_adapter_flag("--student_lora_path", model_config_path(args), args.student_lora_path)
     if not Path(args.font_path).is_file():
         raise InferenceInputError(f"--font_path {args.font_path}: no such font file")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -639,10 +709,14 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InferenceInputError(f"--image_count must be 1-12, got {args.image_count}")
 
 
+def model_config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config) if args.config else (FULL_CONFIG if args.model_path else TINY_CONFIG)
+
+
 def load_pipeline(args: argparse.Namespace) -> AnyText2Pipeline:
     device = torch.device(args.device) if args.device else default_device()
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
-    config = args.config or (FULL_CONFIG if args.model_path else TINY_CONFIG)
+    config = model_config_path(args)
     return AnyText2Pipeline.from_pretrained(
         config, args.model_path or None, args.student_lora_path or None, lora_scale=args.lora_scale,
         merge_lora=not args.use_ddim_sampler, device=device, dtype=dtype, font_path=args.font_path,
@@ -650,7 +724,7 @@ def load_pipeline(args: argparse.Namespace) -> AnyText2Pipeline:
 
 
 def model_note(args: argparse.Namespace, pipeline: AnyText2Pipeline) -> str:
-    config = Path(args.config or (FULL_CONFIG if args.model_path else TINY_CONFIG)).name
+    config = model_config_path(args).name
     weights = (f"checkpoint `{args.model_path}`" if args.model_path else
                "**random init-rule weights** (tiny test model: the images are noise, the controls all work)")
     lora = (f"student LoRA `{pipeline.lora_path}`" if pipeline.has_lora

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: see _script_mode.py
     import _script_mode  # noqa: F401
 
 from student_model_v2.anytext2.checkpoint import build_random_teacher, load_teacher
+from student_model_v2.distillation.adapter_check import AdapterError, check_adapter, read_adapter
 from student_model_v2.distillation.adapter_info import AdapterInfo
 from student_model_v2.distillation.lora import load_lora
 from student_model_v2.evaluation.distillation import held_out_batches, latent_gaps, training_args
@@ -37,7 +39,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="teacher CFG scale s (LCM w = s - 1)")
     parser.add_argument("--output_json", default="")
     args = parser.parse_args(argv)
-    run = training_args(args.adapter)
+    try:  # a wrong folder fails in seconds: the adapter's files first, then its fit to the run's model config
+        read_adapter(args.adapter)
+        run = training_args(args.adapter)
+        check_adapter(run.config, args.adapter)
+    except AdapterError as exc:
+        print(f"error: --adapter {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
     # the grid the adapter records (distillation.json); the run's flag for folders written before it existed
     info = AdapterInfo.load(args.adapter)
     args.num_inference_steps = info.num_inference_steps if info is not None else run.num_inference_steps

@@ -40,6 +40,7 @@ from student_model_v2.anytext2.config import MODELS_YAML_DIR
 from student_model_v2.data.anytext_record import load_image
 from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
 from student_model_v2.data.json_index import DatasetFileError
+from student_model_v2.distillation.adapter_info import training_grid
 from student_model_v2.evaluation.generate import (
     DTYPES,
     EVAL_TEXT_PHRASE,
@@ -56,6 +57,7 @@ from student_model_v2.evaluation.line_ocr import LineReader
 from student_model_v2.evaluation.ocr_metrics import LineScore, Normalization, load_dictionary, score_line, summarize
 from student_model_v2.evaluation.prompts import EvalPrompt, load_prompts
 from student_model_v2.evaluation.report import GridCell, GridRow, write_chart, write_grids, write_json, write_report
+from student_model_v2.inference.checks import check_adapter_flag, check_steps
 from student_model_v2.inference.inputs import DEFAULT_N_PROMPT, InferenceInputError
 from student_model_v2.training.args import DEFAULT_DATASET
 
@@ -178,8 +180,16 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise SystemExit("error: --batch_size, --limit and --num_grids cannot be negative")
     if args.resolution < 64 or args.resolution % 64:
         raise SystemExit(f"error: --resolution must be a positive multiple of 64, got {args.resolution}")
-    if args.lora_path and not (Path(args.lora_path) / "adapter_config.json").is_file():
-        raise SystemExit(f"error: --lora_path {args.lora_path} is not a LoRA adapter folder (no adapter_config.json)")
+    if args.images_from_dataset:
+        return
+    try:  # the adapter against the model's LoRA set (file headers and a meta-device skeleton), and the step bounds
+        adapter = check_adapter_flag("--lora_path", args.config, args.lora_path) if args.lora_path else None
+        check_steps("--student_steps", args.student_steps, teacher=False,
+                    grid=training_grid(adapter.info if adapter else None))
+        if args.with_teacher:
+            check_steps("--teacher_steps", args.teacher_steps, teacher=True)
+    except InferenceInputError as exc:
+        raise SystemExit(f"error: {exc}") from exc
 
 
 @dataclass(frozen=True, eq=False)

@@ -35,14 +35,23 @@ from PIL import Image, ImageDraw
 
 from student_model_v2.anytext2.checkpoint import DTYPES
 from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
+from student_model_v2.distillation.adapter_info import training_grid
+from student_model_v2.inference.checks import (
+    check_adapter_flag,
+    check_size,
+    check_steps,
+    resolve_output_path,
+)
 from student_model_v2.inference.inputs import (
     DEFAULT_A_PROMPT,
     DEFAULT_N_PROMPT,
     SORT_PRIORITIES,
     InferenceInputError,
+    binarize_mask,
     load_image_file,
     load_mask_file,
     parse_positions_argument,
+    parse_prompt,
 )
 from student_model_v2.inference.model_swaps import normalise_swaps
 from student_model_v2.inference.pipeline import (
@@ -113,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--sampler", choices=["student", "teacher"], default="student")
-    sampling.add_argument("--num_inference_steps", type=int, default=4, help="student LCM steps")
-    sampling.add_argument("--teacher_steps", type=int, default=20)
+    sampling.add_argument("--num_inference_steps", type=int, default=4,
+                          help="student LCM steps, 1 to the adapter's training grid (recorded; 50 when not)")
+    sampling.add_argument("--teacher_steps", type=int, default=20, help="teacher DDIM steps, 1 to 1000")
     sampling.add_argument("--guidance_scale", type=float, default=7.5, help="teacher CFG scale")
     sampling.add_argument("--eta", type=float, default=0.0, help="teacher DDIM eta")
     sampling.add_argument("--anytext2_ddim_grid", action="store_true",
@@ -126,12 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--compare_teacher", action="store_true",
                           help="also sample the teacher and write a student | teacher grid with timings")
 
-    parser.add_argument("--output_path", default="student_model_v2/sample.png")
+    parser.add_argument("--output_path", default="student_model_v2/sample.png",
+                        help="image file (.png, .jpg, ...) in an existing folder; a folder gets sample.png inside it")
     return parser
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Combinations argparse cannot express, reported before the (slow) model load."""
+    """Every flag checked before the (slow) model load (the adapter against the model's config, too).
+
+    ``--output_path`` is resolved in place (a folder gets ``sample.png``) so the run cannot fail at its end.
+    """
     if args.edit_image and not args.edit_mask and not args.positions:
         raise InferenceInputError("--edit_image needs --edit_mask (white = areas to repaint) or --positions")
     if args.edit_mask and args.positions:
@@ -142,18 +156,52 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InferenceInputError('free-form generation and editing need --prompt with the texts in double quotes')
     if args.sampler == "student" and not args.lora_path:
         raise InferenceInputError("--lora_path (the student adapter folder) is required unless --sampler teacher")
-    if args.lora_path and not (Path(args.lora_path) / "adapter_config.json").is_file():
-        raise InferenceInputError(f"--lora_path {args.lora_path}: not a LoRA adapter folder (no adapter_config.json)")
     if args.compare_teacher and args.sampler == "teacher":
         raise InferenceInputError("--compare_teacher compares the student with the teacher: drop --sampler teacher")
     if args.num_images < 1:
-        raise InferenceInputError(f"--num_images must be at least 1, got {args.num_images}")
+        raise InferenceInputError(f"--num_images {args.num_images}: must be at least 1")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InferenceInputError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    check_size("--resolution", args.resolution)
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None:
+            check_size(flag, value)
+            if args.edit_image:
+                raise InferenceInputError(f"{flag}: editing keeps the edit image's size (floored to multiples of 64); "
+                                          f"drop {flag}")
+    check_line_flags(args)
     base_model_path, community_loras = normalise_swaps(args.base_model_path, args.community_lora)
     for flag, path in [("--base_model_path", base_model_path)] + [("--community_lora", p) for p, _ in community_loras]:
         if path and not Path(path).is_file():
             raise InferenceInputError(f"{flag} {path}: no such file")
+    if not Path(args.config).is_file():
+        raise InferenceInputError(f"--config {args.config}: no such model YAML")
+    adapter = check_adapter_flag("--lora_path", args.config, args.lora_path) if args.lora_path else None
+    if args.sampler == "student" or args.compare_teacher:
+        check_steps("--num_inference_steps", args.num_inference_steps, teacher=False,
+                    grid=training_grid(adapter.info if adapter else None))
+    if args.sampler == "teacher" or args.compare_teacher:
+        check_steps("--teacher_steps", args.teacher_steps, teacher=True)
+    args.output_path = str(resolve_output_path("--output_path", args.output_path))
+
+
+def check_line_flags(args: argparse.Namespace) -> None:
+    """``--fonts``, ``--colors`` and ``--mimic`` give one value per quoted text of the prompt, no more."""
+    given = [flag for flag, value in (("--fonts", args.fonts), ("--colors", args.colors), ("--mimic", args.mimic))
+             if value]
+    if not given:
+        return
+    if args.prompt is None:
+        raise InferenceInputError(f"{given[0]} styles the quoted texts of --prompt; dataset samples keep their own")
+    texts = len(parse_prompt(args.text_prompt if args.text_prompt is not None else args.prompt).texts)
+    lines = f"1 to {texts}" if texts > 1 else ("1" if texts == 1 else "none: the prompt quotes no text")
+    for flag, values in (("--fonts", args.fonts), ("--colors", args.colors)):
+        if len(values) > texts:
+            raise InferenceInputError(f"{flag} gives {len(values)} values but the prompt quotes {texts} text"
+                                      f"{'' if texts == 1 else 's'}: give one per quoted text")
+    for line, _, _ in args.mimic:
+        if not line.isdigit() or not 1 <= int(line) <= texts:
+            raise InferenceInputError(f"--mimic {line}: LINE is the number of a quoted text of the prompt ({lines})")
 
 
 def line_styles(args: argparse.Namespace) -> list[LineStyle]:
@@ -164,8 +212,6 @@ def line_styles(args: argparse.Namespace) -> list[LineStyle]:
     for index, color in enumerate(args.colors):
         styles[index].color = color
     for line, image, mask in args.mimic:
-        if not line.isdigit() or int(line) < 1:
-            raise InferenceInputError(f"--mimic LINE must be a line number from 1, got {line!r}")
         style = styles[int(line) - 1]
         if style.font is not None:
             raise InferenceInputError(f"line {line} has both a font (--fonts) and --mimic; choose one")
@@ -178,8 +224,13 @@ def text_request(args: argparse.Namespace) -> TextRequest:
     positions = None
     if args.edit_mask:
         positions = load_mask_file(args.edit_mask, "edit mask", args.invert_positions)
+        flag = f"--edit_mask {args.edit_mask}"
     elif args.positions:
         positions = parse_positions_argument(args.positions, args.invert_positions)
+        flag = f"--positions {args.positions}"
+    if isinstance(positions, np.ndarray) and not binarize_mask(positions).any():
+        raise InferenceInputError(f"{flag}: the mask is empty (all black); paint the text areas white, or add "
+                                  "--invert_positions for black text areas on white")
     size = args.resolution
     if isinstance(positions, np.ndarray) and not args.edit_image:
         size_h, size_w = positions.shape[:2]
@@ -187,7 +238,8 @@ def text_request(args: argparse.Namespace) -> TextRequest:
         size_h = size_w = size
     return TextRequest(
         prompt=args.prompt, text_prompt=args.text_prompt, positions=positions, line_styles=line_styles(args),
-        width=args.width or size_w, height=args.height or size_h,
+        width=args.width if args.width is not None else size_w,
+        height=args.height if args.height is not None else size_h,
         edit_image=load_image_file(args.edit_image, "edit image") if args.edit_image else None,
         a_prompt=args.a_prompt, n_prompt=args.n_prompt, sort_priority=args.sort_priority, font_hollow=args.font_hollow,
         revise_position=args.revise_position,
@@ -289,7 +341,6 @@ def compare_grid(student: InferenceResult, teacher: InferenceResult, guidance_sc
 def save_outputs(args: argparse.Namespace, conditioning: Conditioning, results: dict[str, InferenceResult],
                  pipe: AnyText2Pipeline) -> dict:
     output = Path(args.output_path)
-    output.parent.mkdir(parents=True, exist_ok=True)
     main_result = results.get("student") or results["teacher"]
     images = [str(p) for p in output_paths(output, len(main_result.images))]
     for path, image in zip(images, main_result.images):

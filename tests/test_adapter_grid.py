@@ -6,8 +6,7 @@ import shutil
 
 import pytest
 
-from student_model_v2.distillation.adapter_info import AdapterInfo
-from student_model_v2.distillation.samplers import DEFAULT_LCM_GRID, recorded_lcm_grid
+from student_model_v2.distillation.adapter_info import DEFAULT_LCM_GRID, AdapterInfo, training_grid
 from student_model_v2.inference.pipeline import AnyText2Pipeline, SamplingOptions
 from tests.conftest import TINY_YAML
 from tests.test_pipeline import _gen_request
@@ -23,9 +22,9 @@ def _adapter(tmp_path, student_lora_dir, grid: int | None):
 
 
 def test_recorded_grid_and_the_default_for_folders_without_it(tmp_path, student_lora_dir):
-    assert recorded_lcm_grid(_adapter(tmp_path, student_lora_dir, 10)) == 10
-    assert recorded_lcm_grid(_adapter(tmp_path, student_lora_dir, None)) == DEFAULT_LCM_GRID == 50
-    assert recorded_lcm_grid(None) == 50
+    assert training_grid(AdapterInfo.load(_adapter(tmp_path, student_lora_dir, 10))) == 10
+    assert training_grid(AdapterInfo.load(_adapter(tmp_path, student_lora_dir, None))) == DEFAULT_LCM_GRID == 50
+    assert training_grid(None) == 50
 
 
 @pytest.mark.parametrize("grid, timesteps", [(10, [999, 799, 499, 299]), (None, [999, 759, 499, 259])])

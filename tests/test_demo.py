@@ -125,6 +125,13 @@ def test_revise_position_fits_the_drawn_box_to_the_glyphs():
     assert revised_line_mask(two_blobs) is None
 
 
+def test_brush_and_canvas_follow_the_size():
+    assert [demo_v2.brush_size(s, s) for s in (64, 128, 512, 1024)] == [3, 5, 21, 43]
+    update = demo_v2.position_canvas_update(512.0, 256.0)
+    assert update["canvas_size"] == (512, 256) and update["value"]["background"].shape == (256, 512, 3)
+    assert update["brush"].default_size == demo_v2.brush_size(512, 256) == 11
+
+
 def test_examples_are_valid_requests():
     fonts = demo_v2.bundled_fonts()
     gen_en, gen_zh, edit = demo_v2._examples(list(fonts))
@@ -147,7 +154,8 @@ def test_examples_are_valid_requests():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--student_lora_path", "{tmp}"], "not a LoRA adapter folder"),
+    (["--student_lora_path", "{tmp}"], "--student_lora_path {tmp}: not an adapter folder"),
+    (["--student_lora_path", "{tmp}/none"], "--student_lora_path {tmp}/none: no such folder"),
     (["--model_path", "{tmp}/missing.ckpt"], "no such checkpoint file"),
     (["--image_size", "100"], "--image_size must be a multiple of 64"),
     (["--font_path", "{tmp}/none.ttf"], "no such font file"),
@@ -155,7 +163,7 @@ def test_examples_are_valid_requests():
 def test_cli_bad_arguments_are_one_error_line(tmp_path, capsys, argv, message):
     assert demo_v2.main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert err.startswith("error: ") and message.format(tmp=tmp_path) in err and "Traceback" not in err
 
 
 def test_lora_is_merged_for_lcm_and_kept_apart_for_ddim(student_lora_dir):
@@ -286,7 +294,7 @@ def test_client_edits_an_image_with_a_painted_mask(served, client):
                                       edit_img=_editor(files["bg"], [files["layer"]]), show_debug=False, seed=5,
                                       api_name="/edit", **NO_MIMICS)
     assert len(gallery) == 1 and np.asarray(Image.open(gallery[0]["image"])).shape == (SIZE, SIZE, 3)
-    assert "· edit ·" in details and "2 positions for 1 texts" in details
+    assert "· edit ·" in details and "2 positions for 1 quoted text:" in details
 
 
 def test_client_teacher_mode_uses_cfg_and_free_steps(client):
@@ -307,6 +315,12 @@ def test_client_teacher_mode_uses_cfg_and_free_steps(client):
     ("no image prompt", "the image prompt is empty"),
     ("mimic without an image", "line 1: 'Mimic From Image' needs an image"),
     ("mimic without a painted area", "the mimic mask of line 1 selects nothing"),
+    ("width above the slider", "'Width': Value 2000 is greater than maximum value 1024"),
+    ("width not a multiple of 64", "image width must be a positive multiple of 64, got 100"),
+    ("LCM steps above the slider", r"'Steps \(LCM, 4-8\)': Value 50 is greater than maximum value 8"),
+    ("negative eta", r"'eta \(DDIM\)': Value -1 is less than minimum value 0"),
+    ("unknown sampler", "'Sampler': "),
+    ("seed that is no number", "'Seed': cannot use the value 'abc'"),
 ])
 def test_client_bad_input_is_a_clear_message(served, client, case, message):
     from gradio_client.exceptions import AppError
@@ -326,6 +340,12 @@ def test_client_bad_input_is_a_clear_message(served, client, case, message):
                                        font_1=demo_v2.MIMIC_FONT),
         "mimic without a painted area": dict(img_prompt='"Hi"', positions_json="[[8, 8, 120, 60]]",
                                              font_1=demo_v2.MIMIC_FONT, mimic_1=_editor(files["strokes"])),
+        "width above the slider": dict(img_prompt='"Hi"', positions_json="[[8, 8, 120, 60]]", width=2000),
+        "width not a multiple of 64": dict(img_prompt='"Hi"', positions_json="[[8, 8, 120, 60]]", width=100),
+        "LCM steps above the slider": dict(img_prompt='"Hi"', positions_json="[[8, 8, 120, 60]]", lcm_steps=50),
+        "negative eta": dict(img_prompt='"Hi"', positions_json="[[8, 8, 120, 60]]", eta=-1),
+        "unknown sampler": dict(img_prompt='"Hi"', positions_json="[[8, 8, 120, 60]]", sampler="fast"),
+        "seed that is no number": dict(img_prompt='"Hi"', positions_json="[[8, 8, 120, 60]]", seed="abc"),
     }[case]
     kwargs = {**NO_MIMICS, "edit_img": None, "api_name": "/generate", **kwargs}
     logged = served["log"].stat().st_size
@@ -357,10 +377,43 @@ def _chrome(tmp_path: Path):
     return webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
 
 
+def _zoom(driver) -> float:
+    """The image editor's zoom (its toolbar shows e.g. "225%"), as a factor."""
+    text = driver.execute_script(
+        "return [...document.querySelectorAll('#draw_img *')].map(e => e.textContent.trim())"
+        ".find(t => /^[0-9]+%$/.test(t))")
+    return int(text[:-1]) / 100
+
+
+def _result_info(driver, wait, expected: str) -> str:
+    """The details text once it shows ``expected``; an error toast instead fails with its message."""
+    from selenium.webdriver.common.by import By
+
+    def shown(_):
+        toasts = [t.text for t in driver.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']")
+                  if t.text.startswith("Error")]
+        assert not toasts, f"error shown instead of a result: {toasts}"
+        text = driver.find_element(By.CSS_SELECTOR, "#result_info").text
+        return text if expected in text else False
+
+    return wait.until(shown)
+
+
+def _stroke(driver, canvas, x: int, y: int, steps: int, step: int) -> None:
+    """Scroll the canvas to the middle of the window, press at (x, y) from its centre, drag right ``steps`` times by ``step`` pixels, release."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    actions = ActionChains(driver, duration=50)
+    actions.move_to_element_with_offset(canvas, x, y).pause(0.1).click_and_hold().pause(0.1)
+    for _ in range(steps):
+        actions.move_by_offset(step, 0).pause(0.05)
+    actions.release().pause(0.2).perform()
+
+
 @pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
                     reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
 def test_browser_generates_and_shows_errors(served, tmp_path):
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
@@ -385,23 +438,36 @@ def test_browser_generates_and_shows_errors(served, tmp_path):
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#result_gallery img")))
         wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#result_info"), "4 LCM steps, CFG off"))
 
-        # positions drawn with the mouse on the canvas: two strokes for two texts
+        # a stroke that starts in the canvas margin (Gradio's brush ignores such a press) is kept, clipped: one position
         for field in ("#positions_json textarea", "#img_prompt textarea"):
             driver.find_element(By.CSS_SELECTOR, field).send_keys(Keys.CONTROL, "a", Keys.DELETE)
-        driver.find_element(By.CSS_SELECTOR, "#img_prompt textarea").send_keys('a sign that reads "Hi", "Yo"')
+        driver.find_element(By.CSS_SELECTOR, "#img_prompt textarea").send_keys('a margin sign that reads "Hi"')
         canvas = driver.find_element(By.CSS_SELECTOR, "#draw_img canvas")
-        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
-        box = canvas.rect
-        strokes = ActionChains(driver, duration=50)
-        for dy in (-0.2, 0.2):
-            strokes.move_to_element_with_offset(canvas, int(-0.1 * box["width"]), int(dy * box["height"]))
-            strokes.click_and_hold().pause(0.1)
-            for _ in range(9):
-                strokes.move_by_offset(8, 0).pause(0.05)
-            strokes.release().pause(0.2)
-        strokes.perform()
+        zoom = _zoom(driver)
+        shown = SIZE * zoom  # the image's side on screen; the editor centres it in a wider canvas
+        assert canvas.rect["width"] > shown + 80, "no margin left of the image to start a stroke in"
+        _stroke(driver, canvas, int(-shown / 2 - 24), int(-0.25 * shown), steps=10, step=int(shown / 20))
         driver.find_element(By.CSS_SELECTOR, "#run_gen").click()
-        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#result_info"), '"Yo"'))
+        assert "positions for" not in _result_info(driver, wait, "a margin sign")  # one position, not two
+
+        # a second stroke (inside) for a second text: the brush is small enough to keep the two strokes apart
+        driver.find_element(By.CSS_SELECTOR, "#img_prompt textarea").send_keys(Keys.CONTROL, "a", Keys.DELETE)
+        driver.find_element(By.CSS_SELECTOR, "#img_prompt textarea").send_keys('a sign that reads "Hi", "Yo"')
+        _stroke(driver, canvas, int(-0.3 * shown), int(0.2 * shown), steps=9, step=int(shown / 16))
+        driver.find_element(By.CSS_SELECTOR, "#run_gen").click()
+        assert "positions for" not in _result_info(driver, wait, '"Yo"')
+
+        # an example sets 512x512: the canvas follows at once (the editor fits the 4x larger image at 1/4 the zoom)
+        headers = driver.find_elements(By.CSS_SELECTOR, "#examples table thead th")
+        table = driver.find_element(By.CSS_SELECTOR, "#examples table")
+        assert [h.text for h in headers][-3:] == ["Colour of line 1", "Colour of line 2", "Seed"]
+        assert driver.execute_script("const t = arguments[0].parentElement; return t.scrollWidth <= t.clientWidth",
+                                     table), "the examples table is cut off"
+        row = driver.find_element(By.CSS_SELECTOR, "#examples tbody tr")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", row)
+        row.click()
+        wait.until(lambda _: _zoom(driver) != zoom)
+        assert _zoom(driver) == pytest.approx(zoom * SIZE / 512, rel=0.03)
         driver.execute_script("window.scrollTo(0, 0)")
         screenshot = tmp_path / "demo_page.png"
         assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000

@@ -280,7 +280,7 @@ def test_bad_arguments_fail_with_a_message(tmp_path):
 
     with pytest.raises(SystemExit, match="drop --with_teacher"):
         main(["--images_from_dataset", "--with_teacher", "--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="not a LoRA adapter folder"):
+    with pytest.raises(SystemExit, match=r"--lora_path .*: not an adapter folder \(no adapter_config.json\)"):
         main(["--lora_path", str(tmp_path), "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="not found"):
         main(["--benchmark_json", str(tmp_path / "missing.json"), "--images_from_dataset", "--output_dir", str(tmp_path)])

@@ -110,12 +110,92 @@ def test_compare_teacher_writes_a_grid_with_timings(student_lora_dir, tmp_path, 
     (["--prompt", '"A"', "--edit_image", "{tmp}/broken.png"], "--edit_image needs --edit_mask"),
     (["--prompt", '"A"'], "1 quoted text but 0 positions were given"),
     (["--lora_path", ""], "--lora_path (the student adapter folder) is required"),
-    (["--lora_path", "{tmp}"], "not a LoRA adapter folder"),
+    (["--lora_path", "{tmp}"], "--lora_path {tmp}: not an adapter folder (no adapter_config.json)"),
+    (["--lora_path", "{tmp}/missing"], "--lora_path {tmp}/missing: no such folder"),
 ])
 def test_bad_input_is_one_clear_error_line(student_lora_dir, tmp_path, capsys, extra, message):
     (tmp_path / "broken.png").write_text("not an image")
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    message = message.replace("{tmp}", str(tmp_path))
     assert cli.main(_argv(student_lora_dir, tmp_path / "x.png", "--resolution", "64", *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The model builder, replaced by one that fails the test if a flag check lets the run get that far."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("the model was built although a flag is bad")
+
+    monkeypatch.setattr(cli.AnyText2Pipeline, "from_pretrained", refuse)
+    return calls
+
+
+@pytest.fixture
+def grid8_lora(student_lora_dir, tmp_path):
+    """The student adapter with a recorded 8-step training grid."""
+    import shutil
+
+    from student_model_v2.distillation.adapter_info import AdapterInfo
+
+    folder = tmp_path / "grid8"
+    shutil.copytree(student_lora_dir, folder)
+    AdapterInfo(version="v2_4", objective="lcm", num_inference_steps=8, lora_targets="default", lora_rank=4,
+                lora_alpha=4).save(folder)
+    return folder
+
+
+GEN = ["--prompt", 'a sign that reads "Hi", "Yo"', "--positions", "[[4, 4, 60, 28], [4, 34, 60, 60]]"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num_inference_steps", "60"], "--num_inference_steps 60: the student takes 1 to 50 LCM steps"),
+    (["--num_inference_steps", "0"], "--num_inference_steps 0: the student takes 1 to 50 LCM steps"),
+    (["--lora_path", "{grid8}", "--num_inference_steps", "9"], "--num_inference_steps 9: the student takes 1 to 8"),
+    (["--sampler", "teacher", "--teacher_steps", "2000"], "--teacher_steps 2000: the teacher's DDIM takes 1 to 1000"),
+    (["--compare_teacher", "--teacher_steps", "0"], "--teacher_steps 0: the teacher's DDIM takes 1 to 1000"),
+    (["--use_mock_dataset", "--resolution", "72"], "--resolution 72: must be a positive multiple of 64"),
+    ([*GEN, "--width", "0"], "--width 0: must be a positive multiple of 64"),
+    ([*GEN, "--height", "0"], "--height 0: must be a positive multiple of 64"),
+    ([*GEN, "--width", "96"], "--width 96: must be a positive multiple of 64"),
+    (["--output_path", "{tmp}/missing/x.png"], "--output_path {tmp}/missing/x.png: the folder {tmp}/missing does not"),
+    (["--output_path", "{tmp}/x.txt"], "--output_path {tmp}/x.txt: .txt is not an image file extension"),
+    (["--output_path", "{tmp}/file.png/x.png"], "{tmp}/file.png is a file, not a folder"),
+    (["--output_path", "/proc/x.png"], "--output_path /proc/x.png: cannot write in /proc"),
+    ([*GEN, "--mimic", "9", "a.png", "b.png"], "--mimic 9: LINE is the number of a quoted text of the prompt (1 to 2)"),
+    ([*GEN, "--colors", "1,2,3", "4,5,6", "7,8,9"], "--colors gives 3 values but the prompt quotes 2 texts"),
+    (["--fonts", "none"], "--fonts styles the quoted texts of --prompt"),
+    (["--prompt", '"A"', "--edit_image", "{tmp}/file.png", "--edit_mask", "{tmp}/black.png"],
+     "--edit_mask {tmp}/black.png: the mask is empty (all black)"),
+    (["--prompt", '"A"', "--positions", "{tmp}/black.png"], "--positions {tmp}/black.png: the mask is empty"),
+    (["--prompt", '"A"', "--edit_image", "{tmp}/file.png", "--edit_mask", "{tmp}/black.png", "--width", "64"],
+     "--width: editing keeps the edit image's size"),
+    (["--lora_path", "{tmp}/missing"], "--lora_path {tmp}/missing: no such folder"),
+])
+def test_each_bad_flag_exits_2_naming_it_before_the_model_is_built(student_lora_dir, grid8_lora, tmp_path, capsys,
+                                                                   no_model, extra, message):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "file.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "black.png")
+    extra = [e.replace("{tmp}", str(tmp_path)).replace("{grid8}", str(grid8_lora)) for e in extra]
+    argv = _argv(student_lora_dir, tmp_path / "x.png", "--resolution", "64")
+    lora = argv.index("--lora_path")
+    if "--lora_path" in extra:
+        del argv[lora: lora + 2]
+    assert cli.main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert no_model == []
+
+
+def test_output_path_folder_gets_a_file_name_and_size_flags_are_kept(student_lora_dir, tmp_path):
+    args = cli.build_parser().parse_args(_argv(student_lora_dir, tmp_path, *GEN, "--width", "128", "--height", "64"))
+    cli.check_arguments(args)
+    assert args.output_path == str(tmp_path / "sample.png")
+    request = cli.text_request(args)
+    assert (request.width, request.height) == (128, 64)

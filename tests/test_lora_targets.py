@@ -17,8 +17,14 @@ from student_model_v2.anytext2.checkpoint import build_random_teacher
 from student_model_v2.anytext2.model import AnyText2Model
 from student_model_v2.distillation.adapter_info import AdapterInfo
 from student_model_v2.distillation.lora import (
-    OFFICIAL_LDM_MAP, WRITENET_OUTPUTS, add_lora, detect_lora_targets, load_lora, lora_parameter_counts,
-    lora_target_groups, lora_target_modules,
+    OFFICIAL_LDM_MAP,
+    WRITENET_OUTPUTS,
+    add_lora,
+    detect_lora_targets,
+    load_lora,
+    lora_parameter_counts,
+    lora_target_groups,
+    lora_target_modules,
 )
 from student_model_v2.train_lcm_anytext_v2_4 import LCMObjective
 from student_model_v2.training import trainer as trainer_module

@@ -175,6 +175,14 @@ def test_extra_positions_are_masked_but_get_no_text_and_long_texts_are_cut():
     assert cond.hint[0, 0, 50, 30] == 1 and len(cond.warnings) == 2
 
 
+def test_extra_position_and_style_warnings_count_in_plain_words():
+    cond = build_conditioning(_gen_request(prompt="a quiet beach", positions=[[4, 4, 60, 28]],
+                                           line_styles=[LineStyle(color="1,2,3")]), FONT)
+    assert cond.warnings == ["1 position for 0 quoted texts: the extra 1 position will be repainted without text; "
+                             "quote one text per position in the prompt, or remove the extra positions",
+                             "1 line style for 0 quoted texts: the extra styles are ignored"]
+
+
 def test_no_quoted_text_gives_one_blank_line():
     cond = build_conditioning(TextRequest(prompt="a quiet beach", width=64, height=64), FONT)
     assert cond.texts == [" "] and not cond.glyphs[0].any() and not cond.positions[0].any()
@@ -238,6 +246,9 @@ def test_hollow_font_punches_the_noise_texture_into_the_strokes(tmp_path):
     (dict(width=100), "multiple of 64"),
     (dict(positions=np.zeros((32, 32), np.uint8)), "mask is 32x32 but the image is 64x64"),
     (dict(edit_image=np.zeros((64, 64, 3), np.uint8), positions=None, prompt="no text"), "editing needs a mask"),
+    (dict(edit_image=np.zeros((64, 64, 3), np.uint8), positions=np.zeros((64, 64), np.uint8), prompt="no text"),
+     r"the edit mask is empty \(all black\)"),
+    (dict(positions=np.zeros((64, 64), np.uint8)), r"the position mask is empty \(all black\)"),
     (dict(line_styles=[LineStyle(font="font/NotoSansCJKsc-Regular-subset.otf", mimic_image=np.zeros((8, 8, 3)),
                                  mimic_mask=np.zeros((8, 8)))]), "either a font or an image to mimic"),
     (dict(line_styles=[LineStyle(mimic_image=np.zeros((8, 8, 3)), mimic_mask=np.zeros((8, 8)))]), "selects nothing"),
@@ -342,7 +353,7 @@ def test_lora_merged_unmerged_scale_and_teacher(student_lora_dir, tiny_teacher):
     np.testing.assert_array_equal(zero(request, options).images[0], base(request, options).images[0])
     with pytest.raises(InferenceInputError, match="already applied"):
         merged.load_lora(student_lora_dir)
-    with pytest.raises(InferenceInputError, match="not a LoRA adapter folder"):
+    with pytest.raises(InferenceInputError, match=r"not an adapter folder \(no adapter_config.json\)"):
         AnyText2Pipeline.from_pretrained(TINY_YAML, lora_path=student_lora_dir.parent, device="cpu")
 
 
@@ -367,3 +378,15 @@ def test_bench_infer_reports_passes_ratios_and_the_decode_ceiling(capsys):
     assert report["speedup_if_conditioning_free"] == pytest.approx(ceiling, rel=1e-2)
     assert report["target_reachable_with_free_conditioning"] == (ceiling / 8.4 >= 0.85)
     assert report["meets_target"] == (report["speedup_end_to_end"] / 8.4 >= 0.85)
+
+
+@pytest.mark.parametrize("options, message", [
+    (SamplingOptions(steps=51), "steps 51: the student takes 1 to 50 LCM steps"),
+    (SamplingOptions(steps=0), "steps 0: the student takes 1 to 50 LCM steps"),
+    (SamplingOptions(sampler="teacher", steps=1001), "steps 1001: the teacher's DDIM takes 1 to 1000 steps"),
+])
+def test_out_of_range_steps_are_user_errors_before_sampling(tiny_teacher, monkeypatch, options, message):
+    pipe = AnyText2Pipeline(tiny_teacher)
+    monkeypatch.setattr(tiny_teacher, "predict_eps", lambda *a, **k: pytest.fail("sampled with bad steps"))
+    with pytest.raises(InferenceInputError, match=message):
+        pipe(_gen_request(), options)

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 ADAPTER_INFO_FILE = "distillation.json"
+# The solver grid of adapters without the file: written before it existed, or a foreign LCM-LoRA such as
+# lcm-lora-sdv1-5 (LCMScheduler's own default, the grid those were trained on).
+DEFAULT_LCM_GRID = 50
 Objective = Literal["lcm", "pcm", "x0_regression"]
 OBJECTIVES: tuple[str, ...] = ("lcm", "pcm", "x0_regression")
 
@@ -76,3 +79,8 @@ class AdapterInfo:
             return cls(**raw)
         except AdapterInfoError as error:
             raise AdapterInfoError(f"{path}: {error}") from error
+
+
+def training_grid(info: AdapterInfo | None) -> int:
+    """The solver grid N an adapter was trained on: its LCM timesteps come from it, and it bounds the steps."""
+    return info.num_inference_steps if info is not None else DEFAULT_LCM_GRID

@@ -18,6 +18,7 @@ from torch import nn
 from ..anytext2.attention import CrossAttention, FeedForward, SpatialTransformer
 from ..anytext2.model import AnyText2Model
 from ..anytext2.unet import Downsample, ResBlock, Upsample
+from .adapter_check import check_adapter
 
 FROZEN_WRITENET_BLOCKS = ("glyph_block", "position_block", "fuse_block_za")
 LORA_TARGET_SETS: tuple[str, ...] = ("official", "attention")
@@ -152,10 +153,9 @@ def lora_parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def load_lora(model: AnyText2Model, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
-    """Apply a saved adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir}: not a LoRA adapter folder (no adapter_config.json)")
+    """Apply a saved adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), after
+    :func:`check_adapter` found that it fits the model (so a wrong adapter never loads silently)."""
+    check_adapter(model, adapter_dir)
     for param in model.parameters():
         param.requires_grad_(False)
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)

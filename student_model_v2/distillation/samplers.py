@@ -16,18 +16,16 @@ repeated, and only the UNet sees the full image batch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
 from ..anytext2.model import AnyText2Model, Conditions, concat_conditions
-from .adapter_info import AdapterInfo
+from .adapter_info import DEFAULT_LCM_GRID
 
 NUM_TRAIN_TIMESTEPS = 1000
 # LCMScheduler's ``original_inference_steps`` default and the diffusers/this toolkit's default training grid
-DEFAULT_LCM_GRID = 50
 
 # AnyText2's DDPM schedule in diffusers terms: ldm "linear" = scaled_linear, alpha_prev at the last
 # step is alphas_cumprod[0] (set_alpha_to_one=False), timesteps arange(0, 1000, 1000 // S) + 1.
@@ -74,17 +72,6 @@ def set_ddim_timesteps(scheduler: DDIMScheduler, steps: int, anytext2_grid: bool
     scheduler.set_timesteps(steps)
     if anytext2_grid:
         scheduler.timesteps = anytext2_ddim_timesteps(steps)
-
-
-def recorded_lcm_grid(adapter_dir: str | os.PathLike[str] | None) -> int:
-    """The solver grid N a student adapter was trained on, which its LCM sampling timesteps come from.
-
-    Read from the adapter's ``distillation.json`` (``AdapterInfo.num_inference_steps``). No adapter, or a
-    folder without the file (written before it existed, or a foreign LCM-LoRA such as
-    ``lcm-lora-sdv1-5``), means the LCM default 50, the grid those were trained on.
-    """
-    info = AdapterInfo.load(adapter_dir) if adapter_dir else None
-    return info.num_inference_steps if info is not None else DEFAULT_LCM_GRID
 
 
 def make_lcm_scheduler(original_inference_steps: int = DEFAULT_LCM_GRID, alphas_cumprod: torch.Tensor | None = None) -> LCMScheduler:

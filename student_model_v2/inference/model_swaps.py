@@ -11,8 +11,13 @@ re-applies its student LoRA afterwards, as the original did after every reload.
 
 Community LoRAs name layers the diffusers way (kohya/A1111 files with the dots turned into
 underscores). :class:`LayerNames` translates between those names and the checkpoint's LDM names with
-one table built from the UNet config, read in either direction, so every ``num_res_blocks`` and
-``channel_mult`` works, not only SD1.5's.
+one table that diffusers' single-file converter (``convert_ldm_unet_checkpoint``) gives for the UNet
+config, read in either direction, so every ``num_res_blocks`` and ``channel_mult`` works. Kohya names are
+made from that table (:func:`kohya_name`, dots to underscores) rather than parsed with diffusers'
+``lora_conversion_utils._convert_non_diffusers_lora_to_diffusers``: that function is private, rewrites
+kohya keys to diffusers keys by string rules for the SD1.5/SDXL layouts only, and would still need this
+table to reach the checkpoint names; generating the kohya name of every layer the model has is exact for
+any layout and lets a key the model lacks be named in the error.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from torch import nn
 
 from ..anytext2.checkpoint import OPTIONAL_KEYS, CheckpointError, build_random_teacher, load_teacher, read_state_dict
 from ..anytext2.config import ConfigError
 from ..anytext2.model import AnyText2Model
+from ..anytext2.unet import ControlledUnetModel
 from .inputs import InferenceInputError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -57,69 +64,37 @@ class ModelSwapError(InferenceInputError):
 # --------------------------------------------------------------------------------------------------
 # diffusers <-> LDM layer names
 
-# inside a diffusers ResnetBlock2D -> inside an ldm ResBlock
-RESNET_RENAMES = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-                  ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+def _unet_name_pairs(unet_config: Mapping[str, Any]) -> dict[str, str]:
+    """LDM module name -> diffusers module name of every UNet module that holds parameters, as diffusers'
+    own single-file loader renames an LDM checkpoint (``convert_ldm_unet_checkpoint``).
 
-
-@dataclass(frozen=True)
-class _Block:
-    """One UNet block under both names; ``renames`` pairs (diffusers, ldm) names inside it, None = the same."""
-
-    diffusers: str
-    ldm: str
-    renames: tuple[tuple[str, str], ...] | None = None
-
-
-def _unet_blocks(unet_config: Mapping[str, Any]) -> list[_Block]:
-    """The block table of a UNet config: levels from ``channel_mult``, blocks per level from ``num_res_blocks``,
-    attention where ``2**level`` is an attention resolution (as ``unet.build_encoder`` builds them)."""
-    per_level = int(unet_config["num_res_blocks"])
-    levels = len(unet_config["channel_mult"])
-    resolutions = {int(r) for r in unet_config["attention_resolutions"]}
-    attention_levels = {level for level in range(levels) if 2 ** level in resolutions}
-    blocks = [_Block("conv_in", "input_blocks.0.0"), _Block("time_embedding.linear_1", "time_embed.0"),
-              _Block("time_embedding.linear_2", "time_embed.2"), _Block("conv_norm_out", "out.0"),
-              _Block("conv_out", "out.2")]
-    for level in range(levels):
-        for j in range(per_level):
-            index = 1 + level * (per_level + 1) + j
-            blocks.append(_Block(f"down_blocks.{level}.resnets.{j}", f"input_blocks.{index}.0", RESNET_RENAMES))
-            if level in attention_levels:
-                blocks.append(_Block(f"down_blocks.{level}.attentions.{j}", f"input_blocks.{index}.1"))
-        if level < levels - 1:
-            index = (level + 1) * (per_level + 1)
-            blocks.append(_Block(f"down_blocks.{level}.downsamplers.0", f"input_blocks.{index}.0", (("conv", "op"),)))
-    blocks += [_Block("mid_block.resnets.0", "middle_block.0", RESNET_RENAMES),
-               _Block("mid_block.attentions.0", "middle_block.1"),
-               _Block("mid_block.resnets.1", "middle_block.2", RESNET_RENAMES)]
-    for up in range(levels):
-        level = levels - 1 - up
-        for j in range(per_level + 1):
-            index = up * (per_level + 1) + j
-            blocks.append(_Block(f"up_blocks.{up}.resnets.{j}", f"output_blocks.{index}.0", RESNET_RENAMES))
-            if level in attention_levels:
-                blocks.append(_Block(f"up_blocks.{up}.attentions.{j}", f"output_blocks.{index}.1"))
-        if level > 0:
-            upsampler = 2 if level in attention_levels else 1
-            blocks.append(_Block(f"up_blocks.{up}.upsamplers.0", f"output_blocks.{index}.{upsampler}",
-                                 (("conv", "conv"),)))
-    return blocks
-
-
-def _strip(name: str, prefix: str) -> str | None:
-    """What follows ``prefix`` as a whole dotted component ('' for the prefix itself), else None."""
-    if name == prefix:
-        return ""
-    return name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
-
-
-def _dotted(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
+    The converter maps whole state dicts in one direction (LDM -> diffusers) and infers the block layout
+    from the keys, so it is run once on this UNet's state dict built on the ``meta`` device (no memory),
+    and each tensor it returns is traced back to its input key: that gives the name table in both
+    directions for any ``num_res_blocks`` / ``channel_mult``. AnyText2's AttnX layers pass through it
+    with their names kept inside the renamed attention blocks.
+    """
+    with torch.device("meta"):
+        unet = ControlledUnetModel(dict(unet_config))
+    state = {UNET_PREFIX + key: value for key, value in unet.state_dict().items()}
+    # the only config entries the converter reads: SD1.5-style UNets have no class or addition embeddings
+    config = {"layers_per_block": int(unet_config["num_res_blocks"]), "class_embed_type": None,
+              "addition_embed_type": None, "num_class_embeds": None}
+    converted = convert_ldm_unet_checkpoint(state, config)
+    source = {id(value): key[len(UNET_PREFIX):] for key, value in state.items()}
+    pairs: dict[str, str] = {}
+    for key, value in converted.items():
+        ldm_module, _, suffix = source[id(value)].rpartition(".")
+        diffusers_module, _, diffusers_suffix = key.rpartition(".")
+        if suffix != diffusers_suffix:
+            raise ConfigError(f"diffusers renames the UNet parameter {ldm_module}.{suffix} to {key}: not a module "
+                              "rename, so this UNet config has no LDM <-> diffusers name table")
+        pairs[ldm_module] = diffusers_module
+    return pairs
 
 
 class LayerNames:
-    """Module names of one UNet config in diffusers and in LDM (checkpoint) form, from one table.
+    """Module names of one UNet config in diffusers and in LDM (checkpoint) form (see :func:`_unet_name_pairs`).
 
     Full names on both sides: ``unet.down_blocks.0.attentions.0.proj_in`` <->
     ``model.diffusion_model.input_blocks.1.1.proj_in``, and ``text_encoder.text_model.X`` <->
@@ -127,7 +102,8 @@ class LayerNames:
     """
 
     def __init__(self, unet_config: Mapping[str, Any]) -> None:
-        self._blocks = _unet_blocks(unet_config)
+        self._to_diffusers = _unet_name_pairs(unet_config)
+        self._to_ldm = {diffusers: ldm for ldm, diffusers in self._to_diffusers.items()}
 
     def to_ldm(self, name: str) -> str | None:
         """The checkpoint name of a diffusers name, or None when this UNet has no such layer."""
@@ -146,24 +122,11 @@ class LayerNames:
             inner = name[len(source):]
             if ldm_prefix == TEXT_ENCODER_PREFIX:
                 return target + inner
-            translated = self._translate_unet(inner, to_ldm)
-            return None if translated is None else target + translated
-        return None
-
-    def _translate_unet(self, name: str, to_ldm: bool) -> str | None:
-        for block in self._blocks:
-            source, target = (block.diffusers, block.ldm) if to_ldm else (block.ldm, block.diffusers)
-            rest = _strip(name, source)
-            if rest is None:
-                continue
-            if block.renames is None or not rest:
-                return _dotted(target, rest)
-            for diffusers_name, ldm_name in block.renames:
-                inner_source, inner_target = (diffusers_name, ldm_name) if to_ldm else (ldm_name, diffusers_name)
-                tail = _strip(rest, inner_source)
-                if tail is not None:
-                    return _dotted(target, inner_target, tail)
-            return None
+            table = self._to_ldm if to_ldm else self._to_diffusers
+            module, _, suffix = inner.rpartition(".")
+            if inner in table:
+                return target + table[inner]
+            return f"{target}{table[module]}.{suffix}" if module in table else None
         return None
 
 

@@ -42,7 +42,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..anytext2.config import REPO_ROOT
+from ..anytext2.config import REPO_ROOT, ConfigError
 from ..anytext2.model import AnyText2Model, TextInfo
 from ..anytext2.ocr_preprocess import crop_image
 from ..data.glyph_render import (
@@ -57,10 +57,13 @@ from ..data.glyph_render import (
     render_gly_line,
     render_glyphs,
 )
+from ..distillation.adapter_check import AdapterError, check_adapter
+from ..distillation.adapter_info import AdapterInfo, training_grid
 from ..distillation.conditioning import UncondCaptionCache
 from ..distillation.lora import adapters_disabled, load_lora
-from ..distillation.samplers import recorded_lcm_grid, sample_student_lcm, sample_teacher_ddim
+from ..distillation.samplers import sample_student_lcm, sample_teacher_ddim
 from .cache import BlankLatentCache, is_blank_masked_image
+from .checks import check_steps
 from .inputs import (
     DEFAULT_A_PROMPT,
     DEFAULT_N_PROMPT,
@@ -366,6 +369,10 @@ def build_conditioning(
         check_image_size(width, height)
         edit_image = None
     positions = _resolve_positions(request, width, height, source_size)
+    mask_given = isinstance(request.positions, np.ndarray)
+    if mask_given and not positions and (texts or request.edit_image is not None):
+        raise InferenceInputError(f"the {'edit' if request.edit_image is not None else 'position'} mask is empty (all "
+                                  "black): paint the text areas white (black-on-white masks need inverting)")
     if request.edit_image is not None and not positions:
         raise InferenceInputError("editing needs a mask (or polygons) marking the text areas to repaint")
     if len(positions) < len(texts):
@@ -373,11 +380,13 @@ def build_conditioning(
         raise InferenceInputError(f"the prompt has {len(texts)} quoted text{'s' if len(texts) != 1 else ''} but "
                                   f"{found} {'was' if len(positions) == 1 else 'were'} given; give one position per text")
     if len(positions) > len(texts):
-        warnings.append(f"{len(positions)} positions for {len(texts)} texts: the extra positions are only masked "
-                        "(repainted) and get no text")
+        warnings.append(f"{_count(len(positions), 'position')} for {_count(len(texts), 'quoted text')}: the extra "
+                        f"{_count(len(positions) - len(texts), 'position')} will be repainted without text; quote one "
+                        "text per position in the prompt, or remove the extra positions")
     styles = list(request.line_styles)
     if len(styles) > len(texts):
-        warnings.append(f"{len(styles)} line styles for {len(texts)} texts: the extra styles are ignored")
+        warnings.append(f"{_count(len(styles), 'line style')} for {_count(len(texts), 'quoted text')}: the extra "
+                        "styles are ignored")
     styles += [LineStyle()] * (len(texts) - len(styles))
 
     glyphs, gly_lines, line_masks, colors, mimic_crops = [], [], [], [], []
@@ -461,6 +470,11 @@ def build_conditioning(
     )
 
 
+def _count(number: int, noun: str) -> str:
+    """``1 position``, ``2 positions``, ``0 quoted texts``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def debug_glyph_image(glyph_sum: np.ndarray, polygons: Sequence[np.ndarray]) -> np.ndarray:
     """The glyph renders (summed, 0..255, CHW) as one (H, W, 3) uint8 image with each line's polygon outlined.
 
@@ -512,6 +526,8 @@ def attach_student_lora(model: AnyText2Model, path: str | os.PathLike[str], scal
 
     try:
         peft_model = load_lora(model, path)
+    except AdapterError as exc:
+        raise InferenceInputError(f"student LoRA {exc}") from exc
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as exc:
         raise InferenceInputError(f"cannot apply the LoRA {path}: {exc}") from exc
     for module in peft_model.modules():
@@ -526,6 +542,13 @@ def attach_student_lora(model: AnyText2Model, path: str | os.PathLike[str], scal
 def build_model(recipe: ModelRecipe) -> tuple[AnyText2Model, Any, list[str]]:
     """The recipe's model on the CPU: the teacher with its swaps (``model_swaps.py``), then the student
     LoRA applied as recorded; also the peft handle and the swap notes."""
+    if recipe.lora_path:  # a wrong adapter fails in seconds, before the teacher is loaded
+        try:
+            check_adapter(recipe.config, recipe.lora_path)
+        except AdapterError as exc:
+            raise InferenceInputError(f"student LoRA {exc}") from exc
+        except ConfigError as exc:
+            raise InferenceInputError(str(exc)) from exc
     model, notes = load_swapped_teacher(recipe)
     peft = None
     if recipe.lora_path:
@@ -559,6 +582,7 @@ class AnyText2Pipeline:
         self.lora_path: str | None = None
         self.lora_scale = 1.0
         self.lora_merged = False
+        self.adapter_info: AdapterInfo | None = None
 
     @classmethod
     def from_pretrained(
@@ -603,7 +627,7 @@ class AnyText2Pipeline:
     @property
     def lcm_grid(self) -> int:
         """The student's training grid N (``LCMScheduler.original_inference_steps``), from its adapter folder."""
-        return recorded_lcm_grid(self.lora_path)
+        return training_grid(self.adapter_info)
 
     def load_lora(self, path: str | os.PathLike[str], scale: float = 1.0, merge: bool = True) -> None:
         """Apply a student adapter folder (``adapter_config.json`` + weights), scaled by ``scale``."""
@@ -611,6 +635,7 @@ class AnyText2Pipeline:
             raise InferenceInputError(f"a student LoRA is already applied ({self.lora_path}); build a new pipeline")
         self.model, self._peft = attach_student_lora(self.model, path, scale, merge)
         self.lora_path, self.lora_scale, self.lora_merged = str(path), float(scale), bool(merge)
+        self.adapter_info = AdapterInfo.load(path)
         if self.recipe is not None:
             self.recipe = replace(self.recipe, lora_path=str(path), lora_scale=float(scale), lora_merged=bool(merge))
 
@@ -642,6 +667,7 @@ class AnyText2Pipeline:
         self.model, self._peft = model.to(recipe.device), peft
         self.recipe, self.swap_notes = recipe, notes
         self.lora_path, self.lora_scale, self.lora_merged = recipe.lora_path, recipe.lora_scale, recipe.lora_merged
+        self.adapter_info = AdapterInfo.load(recipe.lora_path) if recipe.lora_path else None
         # the caches key on tensor identity, which a rebuilt model may reuse from a freed one
         self._blank_latents, self._uncond_captions = BlankLatentCache(), UncondCaptionCache()
 
@@ -702,8 +728,7 @@ class AnyText2Pipeline:
         if options.num_images < 1:
             raise InferenceInputError(f"the image count must be at least 1, got {options.num_images}")
         steps = options.resolved_steps()
-        if steps < 1:
-            raise InferenceInputError(f"the number of steps must be at least 1, got {steps}")
+        check_steps("steps", steps, options.sampler == "teacher", training_grid(self.adapter_info))
         seed = resolve_seed(options.seed)
         generator = torch.Generator().manual_seed(seed)
         timings: dict[str, float] = {}
