@@ -231,3 +231,41 @@ def test_template_trains_and_writes_a_loadable_adapter(tmp_path, template, chang
     peft_model = load_lora(build_random_teacher(TINY_YAML), final)
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b), "two optimizer steps must move LoRA B"
+
+
+def test_v2_5_passes_equal_v2_4(rig):
+    _reset_lora(rig)
+    lcm_view, pcm_view = _trainer_view(rig, "v2_4"), _trainer_view(rig, "v2_5")
+    _loss(lcm_view, rig.batch, seed=3)
+    loss = _loss(pcm_view, rig.batch, seed=3)
+    assert float(loss.detach()) > 0
+    for calls in ("vae_calls", "unet_calls", "writenet_calls", "text_encoder_calls"):
+        assert getattr(pcm_view.counter, calls) == getattr(lcm_view.counter, calls), calls
+    assert pcm_view.counter.unet_calls == [("teacher", 4), ("student", 2), ("target", 2)]
+    cfg_free = _trainer_view(rig, "v2_5", "--no_cfg_teacher")
+    _loss(cfg_free, rig.batch, seed=3)
+    assert cfg_free.counter.unet_calls == [("teacher", 2), ("student", 2), ("target", 2)], "no uncond rows"
+    assert cfg_free.counter.text_encoder_calls == [("cond", 2)]
+
+
+def test_v2_5_with_one_phase_is_v2_4_with_the_jump_scalings(rig, monkeypatch):
+    """M = 1: every edge is abar[0]. The PCM jump is c_skip*x + c_out*x0 with pcm.jump_scalings, so v2_5's loss
+    equals v2_4's loss on the same draws once v2_4's LCM boundary scalings are replaced by those (exactly, up
+    to float round-off); with LCM's own scalings the two losses differ."""
+    from student_model_v2.distillation import lcm, pcm
+
+    _reset_lora(rig)
+    flags = ("--w_min", "5", "--w_max", "15", "--loss_type", "l2")
+    pcm_loss = _loss(_trainer_view(rig, "v2_5", "--num_phases", "1", *flags), rig.batch, seed=7)
+    lcm_view = _trainer_view(rig, "v2_4", *flags)
+    lcm_loss = _loss(lcm_view, rig.batch, seed=7)
+    alphas = anytext2_alphas_cumprod()
+
+    def jump_boundary(self, sample, pred_x0, timesteps):
+        c_skip, c_out = pcm.jump_scalings(timesteps, alphas[[0] * timesteps.shape[0]], alphas)
+        return lcm.append_dims(c_skip, sample.ndim) * sample + lcm.append_dims(c_out, sample.ndim) * pred_x0
+
+    monkeypatch.setattr(type(lcm_view.objective), "_boundary", jump_boundary)
+    bridged = _loss(lcm_view, rig.batch, seed=7)
+    torch.testing.assert_close(bridged, pcm_loss, rtol=1e-4, atol=1e-7)
+    assert abs(float(lcm_loss.detach()) - float(pcm_loss.detach())) > 1e-3 * float(pcm_loss.detach()), "LCM's own scalings differ"
