@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from student_model_v2 import launch_from_yaml
 from student_model_v2.anytext2.checkpoint import build_random_teacher
 from student_model_v2.data.dataset import MockAnyTextDataset, collate_fn
+from student_model_v2.distillation.adapter_info import AdapterInfo
 from student_model_v2.distillation.conditioning import UncondCaptionCache
 from student_model_v2.distillation.lcm import anytext2_alphas_cumprod
 from student_model_v2.distillation.lora import add_lora, load_lora
@@ -231,6 +232,18 @@ def test_template_trains_and_writes_a_loadable_adapter(tmp_path, template, chang
     peft_model = load_lora(build_random_teacher(TINY_YAML), final)
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b), "two optimizer steps must move LoRA B"
+    assert AdapterInfo.load(final).version == module_name.rsplit("anytext_", 1)[1]
+
+
+def test_v5_template_launches_v2_5_with_its_settings(tmp_path):
+    """The v5 template picks the v2_5 script and every key is one of its flags (v2_5 training itself runs in
+    tests/test_distillation.py, which trains it end to end through the same trainer)."""
+    plan = launch_from_yaml.plan_launch(TEMPLATES / "train_config_template_v5.yaml", [])
+    assert plan.module_name == "student_model_v2.train_lcm_anytext_v2_5"
+    args = plan.module.build_argument_parser().parse_args(plan.argv)
+    assert (args.num_phases, args.num_inference_steps, args.w_min, args.w_max) == (4, 50, 4.0, 5.0)
+    assert (args.loss_type, args.no_cfg_teacher) == ("huber", False)
+    assert args.config == str(REPO_ROOT / "models_yaml" / "anytext2_sd15.yaml")
 
 
 def test_v2_5_passes_equal_v2_4(rig):
