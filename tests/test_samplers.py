@@ -219,3 +219,35 @@ def test_teacher_trajectory_on_the_trailing_grid_is_the_solver_grid(tiny_teacher
     assert scheduler.timesteps.tolist() == list(range(999, 0, -20))  # the 50-point solver grid
     with pytest.raises(ValueError, match="pick one"):
         sample_teacher_ddim(tiny_teacher, cond, uncond, steps=2, latents=_latents(1), trailing=True, anytext2_grid=True)
+
+
+def _info(objective: str, num_phases: int | None = None, grid: int = 50):
+    from student_model_v2.distillation.adapter_info import AdapterInfo
+
+    return AdapterInfo(version={"pcm": "v2_5", "lcm": "v2_4"}.get(objective, "v2_2"), objective=objective,
+                       num_inference_steps=grid, lora_targets="attention", lora_rank=4, lora_alpha=4,
+                       num_phases=num_phases)
+
+
+def test_the_adapter_record_picks_the_sampler_and_refuses_what_it_cannot_serve():
+    from student_model_v2.distillation.samplers import StudentSampling, plan_student_sampling
+
+    pcm4, lcm = _info("pcm", 4), _info("lcm", grid=20)
+    assert plan_student_sampling("auto", None, pcm4) == StudentSampling("pcm", 4, 50)
+    assert plan_student_sampling("pcm", 4, pcm4) == StudentSampling("pcm", 4, 50)
+    assert plan_student_sampling("auto", None, lcm) == StudentSampling("lcm", 4, 20)
+    assert plan_student_sampling("tcd", 8, lcm) == StudentSampling("tcd", 8, 20)
+    assert plan_student_sampling("auto", 2, _info("x0_regression")) == StudentSampling("lcm", 2, 50)
+    assert plan_student_sampling("auto", None, None) == StudentSampling("lcm", 4, 50)  # folder without the record
+    with pytest.raises(ValueError, match="4 phases.*exactly 4 steps.*not 2"):
+        plan_student_sampling("auto", 2, pcm4)
+    with pytest.raises(ValueError, match="phase edges.*--sampler pcm"):
+        plan_student_sampling("lcm", 4, pcm4)
+    with pytest.raises(ValueError, match="phase edges"):
+        plan_student_sampling("tcd", 4, pcm4)
+    with pytest.raises(ValueError, match="needs a phased-consistency"):
+        plan_student_sampling("pcm", 4, lcm)
+    with pytest.raises(ValueError, match="20-point solver grid.*1 to 20 steps, not 25"):
+        plan_student_sampling("lcm", 25, lcm)
+    with pytest.raises(ValueError, match="unknown student sampler"):
+        plan_student_sampling("ddim", 4, lcm)

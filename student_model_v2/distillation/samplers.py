@@ -23,12 +23,13 @@ repeated, and only the UNet sees the full image batch.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
 
 from ..anytext2.model import AnyText2Model, Conditions, concat_conditions
+from .adapter_info import AdapterInfo
 from .pcm import phase_top_timesteps
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -280,3 +281,73 @@ def sample_student_tcd(
     scheduler.set_timesteps(steps)
     return _student_loop(model, cond, scheduler, generator, strength, attnx_scale, latents, images_per_condition,
                          eta=gamma)
+
+
+STUDENT_SAMPLERS = ("auto", "lcm", "pcm", "tcd")
+DEFAULT_STUDENT_STEPS = 4
+DEFAULT_SOLVER_GRID = 50
+
+
+@dataclass(frozen=True)
+class StudentSampling:
+    """A resolved student sampler: ``name`` (lcm | pcm | tcd), its step count and the training solver grid N."""
+
+    name: str
+    steps: int
+    original_inference_steps: int
+
+
+def plan_student_sampling(requested: str, steps: int | None, info: AdapterInfo | None) -> StudentSampling:
+    """Which student sampler and step count an adapter can serve; a ``ValueError`` says why not.
+
+    ``auto`` follows the adapter's ``distillation.json``: a ``pcm`` adapter samples with the PCM sampler in
+    exactly ``num_phases`` steps (it was trained to jump between its phase edges only, so other step counts,
+    or the LCM/TCD samplers that jump to x0, are refused); ``lcm`` and ``x0_regression`` adapters and folders
+    without the file use LCM sampling (4 steps by default). ``tcd`` serves the same adapters as ``lcm``.
+    Step counts above the training grid N are refused (every sampling timestep must be a grid point).
+    """
+    if requested not in STUDENT_SAMPLERS:
+        raise ValueError(f"unknown student sampler {requested!r}; choose one of {', '.join(STUDENT_SAMPLERS)}")
+    grid = info.num_inference_steps if info is not None else DEFAULT_SOLVER_GRID
+    trained_pcm = info is not None and info.objective == "pcm"
+    name = ("pcm" if trained_pcm else "lcm") if requested == "auto" else requested
+    source = f"the adapter ({info.version}, objective {info.objective})" if info is not None else "the adapter"
+    if name == "pcm":
+        if not trained_pcm:
+            raise ValueError(f"the PCM sampler needs a phased-consistency (v2_5) adapter; {source} maps every "
+                             "step to x0: use --sampler lcm or tcd")
+        if steps is not None and steps != info.num_phases:
+            raise ValueError(f"{source} was trained with {info.num_phases} phases, so its sampler takes exactly "
+                             f"{info.num_phases} steps (one jump per phase), not {steps}")
+        return StudentSampling("pcm", info.num_phases, grid)
+    if trained_pcm:
+        raise ValueError(f"{source} only jumps to its {info.num_phases} phase edges, not to x0 as the {name} "
+                         f"sampler needs: use --sampler pcm (or auto) with {info.num_phases} steps")
+    steps = DEFAULT_STUDENT_STEPS if steps is None else steps
+    if not 1 <= steps <= grid:
+        raise ValueError(f"{source} was trained on a {grid}-point solver grid, so the {name} sampler takes 1 to "
+                         f"{grid} steps, not {steps}")
+    return StudentSampling(name, steps, grid)
+
+
+@torch.no_grad()
+def sample_student(
+    model: AnyText2Model,
+    cond: Conditions,
+    plan: StudentSampling,
+    generator: torch.Generator | None = None,
+    strength: float = 1.0,
+    attnx_scale: float = 1.0,
+    latents: torch.Tensor | None = None,
+    *,
+    gamma: float = 0.3,
+    images_per_condition: int = 1,
+) -> torch.Tensor:
+    """Run the planned student sampler (``gamma`` is TCD's stochasticity; the other samplers ignore it)."""
+    common = dict(generator=generator, original_inference_steps=plan.original_inference_steps, strength=strength,
+                  attnx_scale=attnx_scale, latents=latents, images_per_condition=images_per_condition)
+    if plan.name == "pcm":
+        return sample_student_pcm(model, cond, plan.steps, **common)
+    if plan.name == "tcd":
+        return sample_student_tcd(model, cond, plan.steps, gamma, **common)
+    return sample_student_lcm(model, cond, plan.steps, **common)
