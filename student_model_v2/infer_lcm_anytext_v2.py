@@ -1,4 +1,9 @@
-"""Sample the LCM-LoRA student (4 steps, no CFG) — or the teacher — from the command line.
+"""Sample the distilled student (no CFG) — or the teacher — from the command line.
+
+``--sampler auto`` (default) follows the adapter's ``distillation.json``: a v2_5 PCM adapter samples
+deterministically with one step per phase (``--num_inference_steps`` must equal its phase count), an LCM or
+x0-regression adapter with LCM multistep sampling (4 steps by default); ``lcm``, ``pcm`` and ``tcd`` (with
+``--gamma``) force a sampler, and a sampler or step count the adapter was not trained for is refused.
 
 Three modes, picked by the flags:
 
@@ -35,6 +40,8 @@ from PIL import Image, ImageDraw
 
 from student_model_v2.anytext2.checkpoint import DTYPES
 from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
+from student_model_v2.distillation.adapter_info import AdapterInfo
+from student_model_v2.distillation.samplers import plan_student_sampling
 from student_model_v2.inference.inputs import (
     DEFAULT_A_PROMPT,
     DEFAULT_N_PROMPT,
@@ -112,8 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     free.add_argument("--n_prompt", default=DEFAULT_N_PROMPT)
 
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--sampler", choices=["student", "teacher"], default="student")
-    sampling.add_argument("--num_inference_steps", type=int, default=4, help="student LCM steps")
+    sampling.add_argument("--sampler", choices=["auto", "lcm", "pcm", "tcd", "teacher", "student"], default="auto",
+                          help="auto: the adapter's own sampler (PCM for a v2_5 adapter, else LCM); "
+                               "student = auto (older name)")
+    sampling.add_argument("--num_inference_steps", type=int, default=None,
+                          help="student steps (default: the adapter's phase count for PCM, else 4)")
+    sampling.add_argument("--gamma", type=float, default=0.3, help="TCD stochasticity in [0, 1] (--sampler tcd)")
     sampling.add_argument("--teacher_steps", type=int, default=20)
     sampling.add_argument("--guidance_scale", type=float, default=7.5, help="teacher CFG scale")
     sampling.add_argument("--eta", type=float, default=0.0, help="teacher DDIM eta")
@@ -140,10 +151,18 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InferenceInputError("--edit_mask needs --edit_image")
     if (args.edit_image or args.positions) and args.prompt is None:
         raise InferenceInputError('free-form generation and editing need --prompt with the texts in double quotes')
-    if args.sampler == "student" and not args.lora_path:
+    if args.sampler != "teacher" and not args.lora_path:
         raise InferenceInputError("--lora_path (the student adapter folder) is required unless --sampler teacher")
     if args.lora_path and not (Path(args.lora_path) / "adapter_config.json").is_file():
         raise InferenceInputError(f"--lora_path {args.lora_path}: not a LoRA adapter folder (no adapter_config.json)")
+    if not 0.0 <= args.gamma <= 1.0:
+        raise InferenceInputError(f"--gamma must be in [0, 1], got {args.gamma}")
+    if args.lora_path and (args.sampler != "teacher" or args.compare_teacher):
+        student_sampler = "auto" if args.sampler in ("student", "teacher") else args.sampler
+        try:
+            plan_student_sampling(student_sampler, args.num_inference_steps, AdapterInfo.load(args.lora_path))
+        except ValueError as exc:  # AdapterInfoError is a ValueError too
+            raise InferenceInputError(f"--lora_path {args.lora_path} with --sampler {student_sampler}: {exc}") from exc
     if args.compare_teacher and args.sampler == "teacher":
         raise InferenceInputError("--compare_teacher compares the student with the teacher: drop --sampler teacher")
     if args.num_images < 1:
@@ -224,9 +243,9 @@ def prepare_conditioning(args: argparse.Namespace, seed: int) -> Conditioning:
 
 def sampling_options(args: argparse.Namespace, sampler: str, seed: int) -> SamplingOptions:
     return SamplingOptions(
-        sampler=sampler, steps=args.num_inference_steps if sampler == "student" else args.teacher_steps,
+        sampler=sampler, steps=args.teacher_steps if sampler == "teacher" else args.num_inference_steps,
         guidance_scale=args.guidance_scale, eta=args.eta, strength=args.strength, attnx_scale=args.attnx_scale,
-        num_images=args.num_images, seed=seed, anytext2_ddim_grid=args.anytext2_ddim_grid,
+        num_images=args.num_images, seed=seed, anytext2_ddim_grid=args.anytext2_ddim_grid, gamma=args.gamma,
     )
 
 
@@ -245,14 +264,17 @@ def run_samplers(args: argparse.Namespace, pipe: AnyText2Pipeline, conditioning:
         results["teacher"] = pipe.generate(conditioning, sampling_options(args, "teacher", seed))
         if merge:
             pipe.load_lora(args.lora_path, args.lora_scale, merge=True)
-        warm = sampling_options(args, "student", seed)
-        warm.steps = 1
+        student = "auto" if args.sampler in ("student", "teacher") else args.sampler
+        warm = sampling_options(args, student, seed)
+        if pipe.student_plan(warm).name != "pcm":  # a PCM adapter serves exactly its phase count
+            warm.steps = 1
         pipe.generate(conditioning, warm)
-        results["student"] = pipe.generate(conditioning, sampling_options(args, "student", seed))
+        results["student"] = pipe.generate(conditioning, sampling_options(args, student, seed))
         return results
-    if args.sampler == "student":
+    if args.sampler != "teacher":
         pipe.load_lora(args.lora_path, args.lora_scale, merge=merge)
-    results[args.sampler] = pipe.generate(conditioning, sampling_options(args, args.sampler, seed))
+    role = "teacher" if args.sampler == "teacher" else "student"
+    results[role] = pipe.generate(conditioning, sampling_options(args, args.sampler, seed))
     return results
 
 
@@ -270,7 +292,8 @@ def compare_grid(student: InferenceResult, teacher: InferenceResult, guidance_sc
             for s, t in zip(student.images, teacher.images)]
     grid = np.concatenate([np.concatenate([r, np.full((gap, r.shape[1], 3), 255, np.uint8)]) for r in rows])[:-gap]
     speedup = teacher.timings["total"] / max(student.timings["total"], 1e-9)
-    caption = (f"left: student, {student.steps} LCM steps, {student.timings['total']:.2f} s | "
+    how = f"{student.steps} {(student.student_sampler or 'lcm').upper()} steps"
+    caption = (f"left: student, {how}, {student.timings['total']:.2f} s | "
                f"right: teacher, {teacher.steps} DDIM steps, CFG {guidance_scale:g}, {teacher.timings['total']:.2f} s | "
                f"speed-up {speedup:.1f}x (end to end: encode + sample + decode; seed {student.seed})")
     canvas_w = max(grid.shape[1], 360)
@@ -312,7 +335,7 @@ def save_outputs(args: argparse.Namespace, conditioning: Conditioning, results: 
         "community_loras": [list(lora) for lora in pipe.recipe.community_loras],
         "model_swaps": pipe.swap_notes,
         "device": str(pipe.device), "dtype": args.dtype,
-        "runs": {name: {"sampler": r.sampler, "steps": r.steps, "seed": r.seed,
+        "runs": {name: {"sampler": r.sampler, "student_sampler": r.student_sampler, "steps": r.steps, "seed": r.seed,
                         "seconds": {k: round(v, 4) for k, v in r.timings.items()}, "warnings": r.warnings}
                  for name, r in results.items()},
     }
