@@ -370,7 +370,8 @@ class DemoBackend:
 
     def _info(self, result: InferenceResult, request: TextRequest, options: SamplingOptions, saved: list[Path]) -> str:
         height, width = result.images[0].shape[:2]
-        how = (f"{result.steps} {(result.student_sampler or 'lcm').upper()} steps, CFG off" if result.sampler == "student"
+        student_sampler = (result.student_sampler or "lcm").upper()
+        how = (f"{result.steps} {student_sampler} steps, CFG off" if result.sampler == "student"
                else f"{result.steps} DDIM steps, CFG {options.guidance_scale:g}, eta {options.eta:g}")
         seconds = ", ".join(f"{k} {result.timings[k]:.2f}" for k in ("prepare", "encode", "sample", "decode", "total")
                             if k in result.timings)
