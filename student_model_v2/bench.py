@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--resolution", type=int, default=512)
     data.set_defaults(func=bench_data)
     train = sub.add_parser("train", help="per-step cost and model passes of the training versions")
-    train.add_argument("--version", nargs="+", default=["v2_4"], choices=["v2", "v2_2", "v2_3", "v2_4"])
+    train.add_argument("--version", nargs="+", default=["v2_4"], choices=["v2", "v2_2", "v2_3", "v2_4", "v2_5"])
     train.add_argument("--config", default=str(DEFAULT_TINY_YAML))
     train.add_argument("--teacher_ckpt", default="")
     train.add_argument("--resolution", type=int, default=64)

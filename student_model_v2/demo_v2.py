@@ -42,6 +42,7 @@ from PIL import Image, UnidentifiedImageError
 
 from student_model_v2.anytext2.checkpoint import DTYPES
 from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH
+from student_model_v2.distillation.adapter_info import AdapterInfo
 from student_model_v2.inference.checks import check_adapter_flag
 from student_model_v2.inference.inputs import (
     DEFAULT_A_PROMPT,
@@ -169,11 +170,19 @@ def line_styles(fonts: list[str | None], colors: list[Any], mimics: list[dict | 
 
 
 def sampling_options(sampler: str, steps: float, cfg_scale: float, eta: float, strength: float, attnx_scale: float,
-                     image_count: float, seed: float) -> tuple[SamplingOptions, list[str]]:
-    """Options for the chosen sampler; the student's LCM rules (CFG off, 4-8 steps) are enforced here."""
+                     image_count: float, seed: float,
+                     adapter_info: AdapterInfo | None = None) -> tuple[SamplingOptions, list[str]]:
+    """Options for the chosen sampler; the student's rules are enforced here: CFG off, and 4-8 LCM steps, or
+    exactly the phase count for a PCM adapter (its ``distillation.json``), which picks its own sampler."""
     notes = []
     steps = int(steps)
-    if sampler == "student":
+    if sampler == "student" and adapter_info is not None and adapter_info.objective == "pcm":
+        phases = adapter_info.num_phases
+        if steps != phases:
+            notes.append(f"the PCM student samples exactly {phases} steps (one per phase): using {phases} "
+                         f"instead of {steps}")
+        steps, cfg_scale, eta = phases, 1.0, 0.0
+    elif sampler == "student":
         clamped = min(max(steps, LCM_MIN_STEPS), LCM_MAX_STEPS)
         if clamped != steps:
             notes.append(f"the LCM student samples {LCM_MIN_STEPS}-{LCM_MAX_STEPS} steps: using {clamped} instead "
@@ -382,7 +391,7 @@ class DemoBackend:
                                           "(start the demo with --use_ddim_sampler to keep it separate)")
             steps = lcm_steps if sampler == "student" else ddim_steps
             options, option_notes = sampling_options(sampler, steps, cfg_scale, eta, strength, attnx_scale,
-                                                     img_count, seed)
+                                                     img_count, seed, self.pipeline.adapter_info)
             swap_notes = self.pipeline.set_model_swaps(base_model_path or None, parse_lora_list(lora_path_ratio))
             result = self.pipeline(request, options)
         except InferenceInputError as exc:
@@ -420,7 +429,8 @@ class DemoBackend:
 
     def _info(self, result: InferenceResult, request: TextRequest, options: SamplingOptions, saved: list[Path]) -> str:
         height, width = result.images[0].shape[:2]
-        how = (f"{result.steps} LCM steps, CFG off" if result.sampler == "student"
+        student_sampler = (result.student_sampler or "lcm").upper()
+        how = (f"{result.steps} {student_sampler} steps, CFG off" if result.sampler == "student"
                else f"{result.steps} DDIM steps, CFG {options.guidance_scale:g}, eta {options.eta:g}")
         seconds = ", ".join(f"{k} {result.timings[k]:.2f}" for k in ("prepare", "encode", "sample", "decode", "total")
                             if k in result.timings)

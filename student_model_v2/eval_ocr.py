@@ -40,7 +40,8 @@ from student_model_v2.anytext2.config import MODELS_YAML_DIR
 from student_model_v2.data.anytext_record import load_image
 from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
 from student_model_v2.data.json_index import DatasetFileError
-from student_model_v2.distillation.adapter_info import training_grid
+from student_model_v2.distillation.adapter_info import AdapterInfo
+from student_model_v2.distillation.samplers import StudentSampling, plan_student_sampling
 from student_model_v2.evaluation.generate import (
     DTYPES,
     EVAL_TEXT_PHRASE,
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch_size", type=int, default=0, help="images per pipeline call (0: num_images)")
     gen.add_argument("--seed", type=int, default=100, help="seed of every prompt (AnyText2: 100)")
     gen.add_argument("--with_teacher", action="store_true", help="also generate and score the teacher")
-    gen.add_argument("--student_steps", type=int, default=4)
+    gen.add_argument("--student_steps", type=int, default=None,
+                     help="student steps (default: the adapter's phase count for a PCM adapter, else 4)")
     gen.add_argument("--teacher_steps", type=int, default=20)
     gen.add_argument("--guidance_scale", type=float, default=7.5, help="teacher CFG scale")
     gen.add_argument("--eta", type=float, default=0.0, help="teacher DDIM eta")
@@ -174,7 +176,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.images_from_dataset and args.with_teacher:
         raise SystemExit("error: --images_from_dataset scores the dataset's images; drop --with_teacher")
     for name in ("num_images", "student_steps", "teacher_steps", "max_lines", "max_chars"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
     if args.batch_size < 0 or args.limit < 0 or args.num_grids < 0:
         raise SystemExit("error: --batch_size, --limit and --num_grids cannot be negative")
@@ -183,13 +185,22 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.images_from_dataset:
         return
     try:  # the adapter against the model's LoRA set (file headers and a meta-device skeleton), and the step bounds
-        adapter = check_adapter_flag("--lora_path", args.config, args.lora_path) if args.lora_path else None
-        check_steps("--student_steps", args.student_steps, teacher=False,
-                    grid=training_grid(adapter.info if adapter else None))
+        if args.lora_path:
+            check_adapter_flag("--lora_path", args.config, args.lora_path)
         if args.with_teacher:
             check_steps("--teacher_steps", args.teacher_steps, teacher=True)
     except InferenceInputError as exc:
         raise SystemExit(f"error: {exc}") from exc
+    student_sampling(args)
+
+
+def student_sampling(args: argparse.Namespace) -> StudentSampling:
+    """The student's sampler and steps from its adapter record (``distillation.json``), or a clear error."""
+    try:
+        info = AdapterInfo.load(args.lora_path) if args.lora_path else None
+        return plan_student_sampling("auto", args.student_steps, info)
+    except ValueError as exc:  # AdapterInfoError is a ValueError too
+        raise SystemExit(f"error: --lora_path {args.lora_path} / --student_steps {args.student_steps}: {exc}") from exc
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,8 +214,8 @@ class ImageSet:
     spec: ModelSpec | None = None
 
 
-def student_label(spec: ModelSpec, has_lora: bool) -> str:
-    return f"student ({spec.steps} LCM steps, {'LoRA' if has_lora else 'no LoRA'})"
+def student_label(spec: ModelSpec, has_lora: bool, sampler: str = "lcm") -> str:
+    return f"student ({spec.steps} {sampler.upper()} steps, {'LoRA' if has_lora else 'no LoRA'})"
 
 
 def generated_sets(args: argparse.Namespace, prompts: Sequence[EvalPrompt], output_dir: Path,
@@ -213,7 +224,8 @@ def generated_sets(args: argparse.Namespace, prompts: Sequence[EvalPrompt], outp
     batch_size = min(args.batch_size or args.num_images, args.num_images)
     options = GenerationOptions(num_images=args.num_images, batch_size=batch_size, seed=args.seed,
                                 resolution=args.resolution, a_prompt=args.a_prompt, n_prompt=args.n_prompt)
-    specs = [ModelSpec("student", "student", args.student_steps)]
+    plan = student_sampling(args)
+    specs = [ModelSpec("student", "student", plan.steps, warmup_steps=plan.steps if plan.name == "pcm" else 1)]
     if args.with_teacher:
         specs.insert(0, ModelSpec("teacher", "teacher", args.teacher_steps, args.guidance_scale, args.eta))
     pool = ModelPool(args)
@@ -224,7 +236,7 @@ def generated_sets(args: argparse.Namespace, prompts: Sequence[EvalPrompt], outp
             check_settings(folder, generation_settings(spec, options, args), args.overwrite)
             generated = run_model(spec, prompts, pool, options, folder, args.overwrite, progress)
             label = (f"teacher ({spec.steps} DDIM steps, CFG {spec.guidance_scale:g})" if spec.sampler == "teacher"
-                     else student_label(spec, bool(args.lora_path)))
+                     else student_label(spec, bool(args.lora_path), plan.name))
             timing = {"generated_now": generated, **timing_summary(folder, prompts, args.num_images)}
             images = read_generated(folder, args.num_images, args.resolution)
             sets.append(ImageSet(spec.name, label, images, timing, spec))

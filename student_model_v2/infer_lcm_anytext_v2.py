@@ -1,4 +1,9 @@
-"""Sample the LCM-LoRA student (4 steps, no CFG) — or the teacher — from the command line.
+"""Sample the distilled student (no CFG) — or the teacher — from the command line.
+
+``--sampler auto`` (default) follows the adapter's ``distillation.json``: a v2_5 PCM adapter samples
+deterministically with one step per phase (``--num_inference_steps`` must equal its phase count), an LCM or
+x0-regression adapter with LCM multistep sampling (4 steps by default); ``lcm``, ``pcm`` and ``tcd`` (with
+``--gamma``) force a sampler, and a sampler or step count the adapter was not trained for is refused.
 
 Three modes, picked by the flags:
 
@@ -35,7 +40,8 @@ from PIL import Image, ImageDraw
 
 from student_model_v2.anytext2.checkpoint import DTYPES
 from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
-from student_model_v2.distillation.adapter_info import training_grid
+from student_model_v2.distillation.adapter_info import AdapterInfo, training_grid
+from student_model_v2.distillation.samplers import plan_student_sampling
 from student_model_v2.inference.checks import (
     check_adapter_flag,
     check_size,
@@ -121,9 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     free.add_argument("--n_prompt", default=DEFAULT_N_PROMPT)
 
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--sampler", choices=["student", "teacher"], default="student")
-    sampling.add_argument("--num_inference_steps", type=int, default=4,
-                          help="student LCM steps, 1 to the adapter's training grid (recorded; 50 when not)")
+    sampling.add_argument("--sampler", choices=["auto", "lcm", "pcm", "tcd", "teacher", "student"], default="auto",
+                          help="auto: the adapter's own sampler (PCM for a v2_5 adapter, else LCM); "
+                               "student = auto (older name)")
+    sampling.add_argument("--num_inference_steps", type=int, default=None,
+                          help="student steps: a PCM adapter's phase count (its default), else 1 to the adapter's training grid "
+                               "(recorded; 50 when not; default 4)")
+    sampling.add_argument("--gamma", type=float, default=0.3, help="TCD stochasticity in [0, 1] (--sampler tcd)")
     sampling.add_argument("--teacher_steps", type=int, default=20, help="teacher DDIM steps, 1 to 1000")
     sampling.add_argument("--guidance_scale", type=float, default=7.5, help="teacher CFG scale")
     sampling.add_argument("--eta", type=float, default=0.0, help="teacher DDIM eta")
@@ -154,8 +164,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InferenceInputError("--edit_mask needs --edit_image")
     if (args.edit_image or args.positions) and args.prompt is None:
         raise InferenceInputError('free-form generation and editing need --prompt with the texts in double quotes')
-    if args.sampler == "student" and not args.lora_path:
+    if args.sampler != "teacher" and not args.lora_path:
         raise InferenceInputError("--lora_path (the student adapter folder) is required unless --sampler teacher")
+    if not 0.0 <= args.gamma <= 1.0:
+        raise InferenceInputError(f"--gamma must be in [0, 1], got {args.gamma}")
     if args.compare_teacher and args.sampler == "teacher":
         raise InferenceInputError("--compare_teacher compares the student with the teacher: drop --sampler teacher")
     if args.num_images < 1:
@@ -177,12 +189,22 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not Path(args.config).is_file():
         raise InferenceInputError(f"--config {args.config}: no such model YAML")
     adapter = check_adapter_flag("--lora_path", args.config, args.lora_path) if args.lora_path else None
-    if args.sampler == "student" or args.compare_teacher:
-        check_steps("--num_inference_steps", args.num_inference_steps, teacher=False,
-                    grid=training_grid(adapter.info if adapter else None))
+    if adapter is not None and (args.sampler != "teacher" or args.compare_teacher):
+        check_student_sampling(args, adapter.info)
     if args.sampler == "teacher" or args.compare_teacher:
         check_steps("--teacher_steps", args.teacher_steps, teacher=True)
     args.output_path = str(resolve_output_path("--output_path", args.output_path))
+
+
+def check_student_sampling(args: argparse.Namespace, info: AdapterInfo | None) -> None:
+    """The student's step count and sampler against what its adapter was trained for (``distillation.json``)."""
+    if args.num_inference_steps is not None and not (info is not None and info.objective == "pcm"):
+        check_steps("--num_inference_steps", args.num_inference_steps, teacher=False, grid=training_grid(info))
+    student_sampler = "auto" if args.sampler in ("student", "teacher") else args.sampler
+    try:
+        plan_student_sampling(student_sampler, args.num_inference_steps, info)
+    except ValueError as exc:
+        raise InferenceInputError(f"--sampler {student_sampler} / --num_inference_steps: {exc}") from exc
 
 
 def check_line_flags(args: argparse.Namespace) -> None:
@@ -276,9 +298,9 @@ def prepare_conditioning(args: argparse.Namespace, seed: int) -> Conditioning:
 
 def sampling_options(args: argparse.Namespace, sampler: str, seed: int) -> SamplingOptions:
     return SamplingOptions(
-        sampler=sampler, steps=args.num_inference_steps if sampler == "student" else args.teacher_steps,
+        sampler=sampler, steps=args.teacher_steps if sampler == "teacher" else args.num_inference_steps,
         guidance_scale=args.guidance_scale, eta=args.eta, strength=args.strength, attnx_scale=args.attnx_scale,
-        num_images=args.num_images, seed=seed, anytext2_ddim_grid=args.anytext2_ddim_grid,
+        num_images=args.num_images, seed=seed, anytext2_ddim_grid=args.anytext2_ddim_grid, gamma=args.gamma,
     )
 
 
@@ -297,14 +319,17 @@ def run_samplers(args: argparse.Namespace, pipe: AnyText2Pipeline, conditioning:
         results["teacher"] = pipe.generate(conditioning, sampling_options(args, "teacher", seed))
         if merge:
             pipe.load_lora(args.lora_path, args.lora_scale, merge=True)
-        warm = sampling_options(args, "student", seed)
-        warm.steps = 1
+        student = "auto" if args.sampler in ("student", "teacher") else args.sampler
+        warm = sampling_options(args, student, seed)
+        if pipe.student_plan(warm).name != "pcm":  # a PCM adapter serves exactly its phase count
+            warm.steps = 1
         pipe.generate(conditioning, warm)
-        results["student"] = pipe.generate(conditioning, sampling_options(args, "student", seed))
+        results["student"] = pipe.generate(conditioning, sampling_options(args, student, seed))
         return results
-    if args.sampler == "student":
+    if args.sampler != "teacher":
         pipe.load_lora(args.lora_path, args.lora_scale, merge=merge)
-    results[args.sampler] = pipe.generate(conditioning, sampling_options(args, args.sampler, seed))
+    role = "teacher" if args.sampler == "teacher" else "student"
+    results[role] = pipe.generate(conditioning, sampling_options(args, args.sampler, seed))
     return results
 
 
@@ -322,7 +347,8 @@ def compare_grid(student: InferenceResult, teacher: InferenceResult, guidance_sc
             for s, t in zip(student.images, teacher.images)]
     grid = np.concatenate([np.concatenate([r, np.full((gap, r.shape[1], 3), 255, np.uint8)]) for r in rows])[:-gap]
     speedup = teacher.timings["total"] / max(student.timings["total"], 1e-9)
-    caption = (f"left: student, {student.steps} LCM steps, {student.timings['total']:.2f} s | "
+    how = f"{student.steps} {(student.student_sampler or 'lcm').upper()} steps"
+    caption = (f"left: student, {how}, {student.timings['total']:.2f} s | "
                f"right: teacher, {teacher.steps} DDIM steps, CFG {guidance_scale:g}, {teacher.timings['total']:.2f} s | "
                f"speed-up {speedup:.1f}x (end to end: encode + sample + decode; seed {student.seed})")
     canvas_w = max(grid.shape[1], 360)
@@ -363,7 +389,7 @@ def save_outputs(args: argparse.Namespace, conditioning: Conditioning, results: 
         "community_loras": [list(lora) for lora in pipe.recipe.community_loras],
         "model_swaps": pipe.swap_notes,
         "device": str(pipe.device), "dtype": args.dtype,
-        "runs": {name: {"sampler": r.sampler, "steps": r.steps, "seed": r.seed,
+        "runs": {name: {"sampler": r.sampler, "student_sampler": r.student_sampler, "steps": r.steps, "seed": r.seed,
                         "seconds": {k: round(v, 4) for k, v in r.timings.items()}, "warnings": r.warnings}
                  for name, r in results.items()},
     }

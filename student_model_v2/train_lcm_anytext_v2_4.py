@@ -62,18 +62,9 @@ class LCMObjective(Objective):
     def compute_loss(self, denoisers: Denoisers, latents: torch.Tensor, batch: dict[str, Any],
                      generator: torch.Generator) -> LossOutput:
         args, ac = self.args, self.alphas_cumprod
-        batch_size, device = latents.shape[0], latents.device
-        pairs = lcm.sample_timestep_pairs(self.solver, batch_size, args.lcm_step, generator=generator, device=device)
-        noise = torch.randn(latents.shape, generator=generator, device=device)
-        x_s = lcm.add_noise(latents, noise, pairs.start, ac)
-        w = lcm.sample_guidance_scale(batch_size, args.w_min, args.w_max, generator=generator, device=device)
-
-        eps_c, eps_u = denoisers.teacher_eps(x_s, pairs.start)
-        x0_c = lcm.predicted_origin(eps_c, pairs.start, x_s, "epsilon", ac)
-        x0_u = lcm.predicted_origin(eps_u, pairs.start, x_s, "epsilon", ac)
-        x0_cfg = lcm.lcm_guidance(x0_c, x0_u, w)
-        eps_cfg = lcm.lcm_guidance(eps_c, eps_u, w)
-        x_t = self.solver.ddim_step(x0_cfg, eps_cfg, pairs.index, args.lcm_step)
+        draw = lcm.draw_consistency_sample(self.solver, latents, ac, generator, args.lcm_step, args.w_min, args.w_max)
+        pairs, x_s, w = draw.pairs, draw.x_start, draw.w
+        x_t = lcm.guided_solver_step(*denoisers.teacher_eps(x_s, pairs.start), draw, self.solver, ac, args.lcm_step)
 
         eps_student = denoisers.student_eps(x_s, pairs.start)
         pred = self._boundary(x_s, lcm.predicted_origin(eps_student, pairs.start, x_s, "epsilon", ac), pairs.start)

@@ -103,6 +103,20 @@ def test_lcm_rules_cfg_off_and_steps_4_to_8():
     assert (options.steps, options.guidance_scale, options.eta, notes) == (30, 5.0, 0.3, [])
 
 
+def test_a_pcm_adapter_samples_exactly_its_phase_count():
+    from student_model_v2.distillation.adapter_info import AdapterInfo
+
+    info = AdapterInfo(version="v2_5", objective="pcm", num_inference_steps=50, lora_targets="attention",
+                       lora_rank=4, lora_alpha=4, num_phases=2)
+    options, notes = demo_v2.sampling_options("student", 6, 7.5, 0.3, 1.0, 1.0, 1, -1, info)
+    assert (options.steps, options.guidance_scale, options.eta) == (2, 1.0, 0.0)
+    assert notes and "exactly 2 steps" in notes[0] and "instead of 6" in notes[0]
+    options, notes = demo_v2.sampling_options("student", 2, 7.5, 0.0, 1.0, 1.0, 1, -1, info)
+    assert options.steps == 2 and not notes
+    options, notes = demo_v2.sampling_options("teacher", 30, 5.0, 0.3, 1.0, 1.0, 1, -1, info)
+    assert (options.steps, notes) == (30, [])
+
+
 def test_revise_position_fits_the_drawn_box_to_the_glyphs():
     font = GlyphFont("font/NotoSansCJKsc-Regular-subset.otf")
     request = TextRequest(prompt='"HELLO"', positions=[[8, 8, 120, 100]], width=SIZE, height=SIZE)

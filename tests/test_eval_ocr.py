@@ -286,6 +286,25 @@ def test_bad_arguments_fail_with_a_message(tmp_path):
         main(["--benchmark_json", str(tmp_path / "missing.json"), "--images_from_dataset", "--output_dir", str(tmp_path)])
 
 
+def test_the_adapter_record_sets_the_student_sampler_and_refuses_other_step_counts(tmp_path, fresh_adapter):
+    import shutil
+
+    from student_model_v2.distillation.adapter_info import AdapterInfo
+    from student_model_v2.eval_ocr import build_parser, main, student_sampling
+
+    pcm = tmp_path / "pcm"
+    shutil.copytree(fresh_adapter, pcm)
+    AdapterInfo(version="v2_5", objective="pcm", num_inference_steps=50, lora_targets="attention", lora_rank=4,
+                lora_alpha=4, num_phases=2).save(pcm)
+    plan = student_sampling(build_parser().parse_args(["--lora_path", str(pcm), "--output_dir", str(tmp_path)]))
+    assert (plan.name, plan.steps) == ("pcm", 2)
+    plain = ["--lora_path", str(fresh_adapter), "--output_dir", str(tmp_path)]
+    plan = student_sampling(build_parser().parse_args(plain))
+    assert (plan.name, plan.steps) == ("lcm", 4)  # a folder without the record: LCM, as before
+    with pytest.raises(SystemExit, match=r"2 phases, so its sampler takes exactly 2 steps \(one jump per phase\), not 4"):
+        main(["--lora_path", str(pcm), "--student_steps", "4", "--output_dir", str(tmp_path / "out")])
+
+
 def test_bench_json_option_writes_the_printed_result(tmp_path, capsys):
     from student_model_v2 import bench
 

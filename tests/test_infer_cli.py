@@ -199,3 +199,35 @@ def test_output_path_folder_gets_a_file_name_and_size_flags_are_kept(student_lor
     assert args.output_path == str(tmp_path / "sample.png")
     request = cli.text_request(args)
     assert (request.width, request.height) == (128, 64)
+
+
+@pytest.fixture(scope="module")
+def pcm_lora_dir(student_lora_dir, tmp_path_factory):
+    """The student adapter recorded as a 2-phase PCM (v2_5) adapter."""
+    import shutil
+
+    from student_model_v2.distillation.adapter_info import AdapterInfo
+
+    folder = tmp_path_factory.mktemp("pcm_lora") / "checkpoint-final"
+    shutil.copytree(student_lora_dir, folder)
+    AdapterInfo(version="v2_5", objective="pcm", num_inference_steps=50, lora_targets="attention", lora_rank=4,
+                lora_alpha=4, num_phases=2).save(folder)
+    return folder
+
+
+def test_the_adapter_record_picks_the_pcm_sampler(pcm_lora_dir, tmp_path, capsys):
+    report = _run(_argv(pcm_lora_dir, tmp_path / "p.png", "--use_mock_dataset", "--resolution", "64"), capsys)
+    assert report["runs"]["student"]["student_sampler"] == "pcm" and report["runs"]["student"]["steps"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num_inference_steps", "4"], "trained with 2 phases, so its sampler takes exactly 2 steps"),
+    (["--sampler", "lcm"], "only jumps to its 2 phase edges"),
+    (["--sampler", "tcd", "--num_inference_steps", "2"], "--sampler pcm (or auto) with 2 steps"),
+    (["--sampler", "tcd", "--gamma", "2"], "--gamma must be in [0, 1]"),
+])
+def test_a_sampler_or_step_count_the_adapter_cannot_serve_is_refused(pcm_lora_dir, tmp_path, capsys, extra, message):
+    assert cli.main(_argv(pcm_lora_dir, tmp_path / "x.png", "--use_mock_dataset", "--resolution", "64", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()

@@ -1,4 +1,4 @@
-"""Teacher DDIM (+CFG) and student LCM samplers: schedules against the spec, batching against the unbatched
+"""Teacher DDIM (+CFG) and student LCM / PCM / TCD samplers: schedules against the spec, batching against the unbatched
 computation, and the number of UNet / WriteNet passes."""
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from student_model_v2.distillation.samplers import (
     anytext2_ddim_timesteps,
     make_ddim_scheduler,
     make_lcm_scheduler,
+    make_tcd_scheduler,
     repeat_conditions,
     sample_student_lcm,
+    sample_student_pcm,
+    sample_student_tcd,
     sample_teacher_ddim,
     set_ddim_timesteps,
 )
@@ -149,3 +152,102 @@ def test_student_lcm_is_one_unet_pass_per_step_and_one_writenet_pass(tiny_teache
     other_noise = sample_student_lcm(tiny_teacher, cond, steps=4, generator=torch.Generator().manual_seed(4),
                                      latents=_latents(2), images_per_condition=2)
     assert not torch.allclose(first, other_noise)  # LCM re-injects fresh noise between steps
+
+
+def _toy_eps(x: torch.Tensor, t: int) -> torch.Tensor:
+    return 0.5 * torch.tanh(x) + t / 2000.0
+
+
+@pytest.mark.parametrize("num_phases", [1, 2, 4, 8])
+def test_pcm_sampler_is_a_ddim_jump_chain_over_the_phase_tops(tiny_teacher, conditions, monkeypatch, num_phases):
+    cond, _ = conditions
+    counter = _Counter(tiny_teacher, monkeypatch)
+    seen: list[int] = []
+
+    def toy(x, t, *args, **kwargs):
+        counter.unet.append(x.shape[0])
+        seen.append(int(t))
+        return _toy_eps(x, int(t))
+
+    monkeypatch.setattr(tiny_teacher, "predict_eps", toy)
+    start = _latents(2) * 3
+    out = sample_student_pcm(tiny_teacher, cond, num_phases, latents=start, images_per_condition=2)
+    assert counter.unet == [2] * num_phases and counter.writenet == [1]
+    tops = {1: [999], 2: [999, 499], 4: [999, 739, 499, 239], 8: [999, 859, 739, 619, 499, 359, 239, 119]}
+    assert seen == tops[num_phases]
+    x = start.double()
+    alphas = ALPHAS.double()
+    for k, t in enumerate(seen):  # by hand: x0 and eps at the top, DDIM jump to the next top (the edge), last to abar[0]
+        eps = _toy_eps(x.float(), t).double()
+        x0 = (x - (1 - alphas[t]).sqrt() * eps) / alphas[t].sqrt()
+        a_next = alphas[seen[k + 1]] if k + 1 < len(seen) else alphas[0]
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    torch.testing.assert_close(out.double(), x, rtol=1e-5, atol=1e-5)
+    again = sample_student_pcm(tiny_teacher, cond, num_phases, generator=torch.Generator().manual_seed(9),
+                               latents=start, images_per_condition=2)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)  # deterministic: no noise between steps
+
+
+def test_tcd_sampler_steps_gamma_and_passes(tiny_teacher, conditions, monkeypatch):
+    cond, _ = conditions
+    scheduler = make_tcd_scheduler(50, ALPHAS)
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.tolist() == [999, 759, 499, 259]  # LCM's timesteps: it samples LCM students
+    counter = _Counter(tiny_teacher, monkeypatch)
+    runs = {}
+    for gamma, seed in ((0.0, 1), (0.0, 2), (0.3, 1), (0.3, 2)):
+        runs[gamma, seed] = sample_student_tcd(tiny_teacher, cond, 4, gamma, torch.Generator().manual_seed(seed),
+                                               latents=_latents(2), images_per_condition=2)
+    assert counter.unet == [2] * 16 and counter.writenet == [1] * 4
+    torch.testing.assert_close(runs[0.0, 1], runs[0.0, 2], rtol=0, atol=0)  # gamma 0: deterministic
+    assert not torch.allclose(runs[0.3, 1], runs[0.3, 2])  # gamma > 0 injects noise between steps
+    with pytest.raises(ValueError, match="gamma"):
+        sample_student_tcd(tiny_teacher, cond, 4, 1.5, latents=_latents(2), images_per_condition=2)
+
+
+def test_teacher_trajectory_on_the_trailing_grid_is_the_solver_grid(tiny_teacher, conditions):
+    cond, uncond = conditions
+    trajectory: list = []
+    final = sample_teacher_ddim(tiny_teacher, cond, uncond, steps=5, latents=_latents(1), trailing=True,
+                                trajectory=trajectory)
+    assert [t for t, _ in trajectory] == [999, 799, 599, 399, 199, 0]  # = lcm.ddim_solver_timesteps(5), reversed
+    assert trajectory[-1][1] is final
+    scheduler = make_ddim_scheduler(ALPHAS, trailing=True)
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    scheduler.set_timesteps(50)
+    assert scheduler.timesteps.tolist() == list(range(999, 0, -20))  # the 50-point solver grid
+    with pytest.raises(ValueError, match="pick one"):
+        sample_teacher_ddim(tiny_teacher, cond, uncond, steps=2, latents=_latents(1), trailing=True, anytext2_grid=True)
+
+
+def _info(objective: str, num_phases: int | None = None, grid: int = 50):
+    from student_model_v2.distillation.adapter_info import AdapterInfo
+
+    return AdapterInfo(version={"pcm": "v2_5", "lcm": "v2_4"}.get(objective, "v2_2"), objective=objective,
+                       num_inference_steps=grid, lora_targets="attention", lora_rank=4, lora_alpha=4,
+                       num_phases=num_phases)
+
+
+def test_the_adapter_record_picks_the_sampler_and_refuses_what_it_cannot_serve():
+    from student_model_v2.distillation.samplers import StudentSampling, plan_student_sampling
+
+    pcm4, lcm = _info("pcm", 4), _info("lcm", grid=20)
+    assert plan_student_sampling("auto", None, pcm4) == StudentSampling("pcm", 4, 50)
+    assert plan_student_sampling("pcm", 4, pcm4) == StudentSampling("pcm", 4, 50)
+    assert plan_student_sampling("auto", None, lcm) == StudentSampling("lcm", 4, 20)
+    assert plan_student_sampling("tcd", 8, lcm) == StudentSampling("tcd", 8, 20)
+    assert plan_student_sampling("auto", 2, _info("x0_regression")) == StudentSampling("lcm", 2, 50)
+    assert plan_student_sampling("auto", None, None) == StudentSampling("lcm", 4, 50)  # folder without the record
+    with pytest.raises(ValueError, match="4 phases.*exactly 4 steps.*not 2"):
+        plan_student_sampling("auto", 2, pcm4)
+    with pytest.raises(ValueError, match="phase edges.*--sampler pcm"):
+        plan_student_sampling("lcm", 4, pcm4)
+    with pytest.raises(ValueError, match="phase edges"):
+        plan_student_sampling("tcd", 4, pcm4)
+    with pytest.raises(ValueError, match="needs a phased-consistency"):
+        plan_student_sampling("pcm", 4, lcm)
+    with pytest.raises(ValueError, match="20-point solver grid.*1 to 20 steps, not 25"):
+        plan_student_sampling("lcm", 25, lcm)
+    with pytest.raises(ValueError, match="unknown student sampler"):
+        plan_student_sampling("ddim", 4, lcm)

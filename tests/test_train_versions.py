@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from student_model_v2 import launch_from_yaml
 from student_model_v2.anytext2.checkpoint import build_random_teacher
 from student_model_v2.data.dataset import MockAnyTextDataset, collate_fn
+from student_model_v2.distillation.adapter_info import AdapterInfo
 from student_model_v2.distillation.conditioning import UncondCaptionCache
 from student_model_v2.distillation.lcm import anytext2_alphas_cumprod
 from student_model_v2.distillation.lora import add_lora, load_lora
@@ -231,3 +232,53 @@ def test_template_trains_and_writes_a_loadable_adapter(tmp_path, template, chang
     peft_model = load_lora(build_random_teacher(TINY_YAML), final)
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b), "two optimizer steps must move LoRA B"
+    assert AdapterInfo.load(final).version == module_name.rsplit("anytext_", 1)[1]
+
+
+def test_v5_template_launches_v2_5_with_its_settings(tmp_path):
+    """The v5 template picks the v2_5 script and every key is one of its flags (v2_5 training itself runs in
+    tests/test_distillation.py, which trains it end to end through the same trainer)."""
+    plan = launch_from_yaml.plan_launch(TEMPLATES / "train_config_template_v5.yaml", [])
+    assert plan.module_name == "student_model_v2.train_lcm_anytext_v2_5"
+    args = plan.module.build_argument_parser().parse_args(plan.argv)
+    assert (args.num_phases, args.num_inference_steps, args.w_min, args.w_max) == (4, 50, 4.0, 5.0)
+    assert (args.loss_type, args.no_cfg_teacher) == ("huber", False)
+    assert args.config == str(REPO_ROOT / "models_yaml" / "anytext2_sd15.yaml")
+
+
+def test_v2_5_passes_equal_v2_4(rig):
+    _reset_lora(rig)
+    lcm_view, pcm_view = _trainer_view(rig, "v2_4"), _trainer_view(rig, "v2_5")
+    _loss(lcm_view, rig.batch, seed=3)
+    loss = _loss(pcm_view, rig.batch, seed=3)
+    assert float(loss.detach()) > 0
+    for calls in ("vae_calls", "unet_calls", "writenet_calls", "text_encoder_calls"):
+        assert getattr(pcm_view.counter, calls) == getattr(lcm_view.counter, calls), calls
+    assert pcm_view.counter.unet_calls == [("teacher", 4), ("student", 2), ("target", 2)]
+    cfg_free = _trainer_view(rig, "v2_5", "--no_cfg_teacher")
+    _loss(cfg_free, rig.batch, seed=3)
+    assert cfg_free.counter.unet_calls == [("teacher", 2), ("student", 2), ("target", 2)], "no uncond rows"
+    assert cfg_free.counter.text_encoder_calls == [("cond", 2)]
+
+
+def test_v2_5_with_one_phase_is_v2_4_with_the_jump_scalings(rig, monkeypatch):
+    """M = 1: every edge is abar[0]. The PCM jump is c_skip*x + c_out*x0 with pcm.jump_scalings, so v2_5's loss
+    equals v2_4's loss on the same draws once v2_4's LCM boundary scalings are replaced by those (exactly, up
+    to float round-off); with LCM's own scalings the two losses differ."""
+    from student_model_v2.distillation import lcm, pcm
+
+    _reset_lora(rig)
+    flags = ("--w_min", "5", "--w_max", "15", "--loss_type", "l2")
+    pcm_loss = _loss(_trainer_view(rig, "v2_5", "--num_phases", "1", *flags), rig.batch, seed=7)
+    lcm_view = _trainer_view(rig, "v2_4", *flags)
+    lcm_loss = _loss(lcm_view, rig.batch, seed=7)
+    alphas = anytext2_alphas_cumprod()
+
+    def jump_boundary(self, sample, pred_x0, timesteps):
+        c_skip, c_out = pcm.jump_scalings(timesteps, alphas[[0] * timesteps.shape[0]], alphas)
+        return lcm.append_dims(c_skip, sample.ndim) * sample + lcm.append_dims(c_out, sample.ndim) * pred_x0
+
+    monkeypatch.setattr(type(lcm_view.objective), "_boundary", jump_boundary)
+    bridged = _loss(lcm_view, rig.batch, seed=7)
+    torch.testing.assert_close(bridged, pcm_loss, rtol=1e-4, atol=1e-7)
+    assert abs(float(lcm_loss.detach()) - float(pcm_loss.detach())) > 1e-3 * float(pcm_loss.detach()), "LCM's own scalings differ"

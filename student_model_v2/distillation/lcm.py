@@ -381,3 +381,55 @@ def consistency_loss(
     if loss_type == "legacy_huber":
         return legacy_toolkit_huber_loss(pred, target)
     raise ValueError(f"unknown loss_type {loss_type!r}; expected l2, huber or legacy_huber")
+
+
+@dataclass(frozen=True)
+class ConsistencyDraw:
+    """The random part of one consistency-distillation micro-batch: timestep pairs, x at the start, w.
+
+    LCM (v2_4) and PCM (v2_5) draw these in the same order from the same generator, so the two objectives
+    see identical draws for the same seed (what the M = 1 equivalence test relies on).
+    """
+
+    pairs: TimestepPairs
+    x_start: torch.Tensor
+    w: torch.Tensor
+
+
+def draw_consistency_sample(
+    solver: DDIMSolver,
+    latents: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator,
+    lcm_step: int = 1,
+    w_min: float = 5.0,
+    w_max: float = 15.0,
+) -> ConsistencyDraw:
+    """Grid index and pair, fresh noise → x at the start timestep, and per-sample LCM-form w (in this order)."""
+    batch_size, device = latents.shape[0], latents.device
+    pairs = sample_timestep_pairs(solver, batch_size, lcm_step, generator=generator, device=device)
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    x_start = add_noise(latents, noise, pairs.start, alphas_cumprod)
+    w = sample_guidance_scale(batch_size, w_min, w_max, generator=generator, device=device)
+    return ConsistencyDraw(pairs=pairs, x_start=x_start, w=w)
+
+
+def guided_solver_step(
+    eps_cond: torch.Tensor,
+    eps_uncond: torch.Tensor | None,
+    draw: ConsistencyDraw,
+    solver: DDIMSolver,
+    alphas_cumprod: torch.Tensor,
+    lcm_step: int = 1,
+) -> torch.Tensor:
+    """The teacher's DDIM solver step from the draw's start: LCM-form CFG on x̂0 and ε̂ (official recipe).
+
+    ``eps_uncond`` None is the CFG-free solver (PCM's ``--not_apply_cfg_solver``): the cond prediction alone.
+    """
+    start = draw.pairs.start
+    x0 = predicted_origin(eps_cond, start, draw.x_start, "epsilon", alphas_cumprod)
+    eps = eps_cond
+    if eps_uncond is not None:
+        x0 = lcm_guidance(x0, predicted_origin(eps_uncond, start, draw.x_start, "epsilon", alphas_cumprod), draw.w)
+        eps = lcm_guidance(eps_cond, eps_uncond, draw.w)
+    return solver.ddim_step(x0, eps, draw.pairs.index, lcm_step)

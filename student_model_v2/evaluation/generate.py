@@ -43,13 +43,17 @@ JPEG_QUALITY = 95
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How one model samples: the teacher (DDIM + CFG) or the student (LCM, no CFG)."""
+    """How one model samples: the teacher (DDIM + CFG) or the student (its adapter's sampler, no CFG).
+
+    ``warmup_steps``: steps of the untimed warm-up call (a PCM student serves only its phase count).
+    """
 
     name: str
     sampler: str
     steps: int
     guidance_scale: float = 1.0
     eta: float = 0.0
+    warmup_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,8 @@ def run_model(spec: ModelSpec, prompts: Sequence[EvalPrompt], pool: ModelPool, o
     for prompt in tqdm(todo, desc=f"generate {spec.name}", disable=not progress):
         pipe = pool.pipeline(spec.sampler)
         if not warmed:
-            generate_images(pipe, prompt, spec, dataclasses.replace(options, num_images=options.batch_size), steps=1)
+            generate_images(pipe, prompt, spec, dataclasses.replace(options, num_images=options.batch_size),
+                            steps=spec.warmup_steps)
             warmed = True
         try:
             images, seconds = generate_images(pipe, prompt, spec, options)

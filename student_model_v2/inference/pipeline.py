@@ -58,10 +58,10 @@ from ..data.glyph_render import (
     render_glyphs,
 )
 from ..distillation.adapter_check import AdapterError, check_adapter
-from ..distillation.adapter_info import AdapterInfo, training_grid
+from ..distillation.adapter_info import AdapterInfo, AdapterInfoError, training_grid
 from ..distillation.conditioning import UncondCaptionCache
 from ..distillation.lora import adapters_disabled, load_lora
-from ..distillation.samplers import sample_student_lcm, sample_teacher_ddim
+from ..distillation.samplers import StudentSampling, plan_student_sampling, sample_student, sample_teacher_ddim
 from .cache import BlankLatentCache, is_blank_masked_image
 from .checks import check_steps
 from .inputs import (
@@ -94,7 +94,8 @@ TEACHER_STEPS = 20
 MAX_SEED = 99_999_999
 HOLLOW_NOISE_PATH = REPO_ROOT / "font" / "bg_noise.png"
 
-Sampler = Literal["student", "teacher"]
+# "student" = "auto": the sampler the adapter's distillation.json calls for (PCM for a v2_5 adapter, else LCM)
+Sampler = Literal["student", "auto", "lcm", "pcm", "tcd", "teacher"]
 
 
 @dataclass
@@ -147,7 +148,11 @@ class TextRequest:
 
 @dataclass
 class SamplingOptions:
-    """How to sample. ``steps`` None means 4 for the student and 20 for the teacher.
+    """How to sample. ``steps`` None means 20 for the teacher and the adapter's own count for the student
+    (its phase count for a PCM adapter, else 4); a count the adapter cannot serve is refused.
+
+    ``sampler``: ``teacher``, or a student sampler: ``student``/``auto`` (chosen from the adapter's
+    ``distillation.json``), ``lcm``, ``pcm`` or ``tcd`` (stochasticity ``gamma``, LCM adapters).
 
     ``guidance_scale`` and ``eta`` apply to the teacher only (the student distilled guidance in).
     ``seed`` -1 draws a random seed (reported in the result). ``anytext2_ddim_grid`` uses AnyText2's
@@ -165,11 +170,13 @@ class SamplingOptions:
     seed: int = -1
     anytext2_ddim_grid: bool = False
     batch_cfg: bool = True
+    gamma: float = 0.3
 
     def resolved_steps(self) -> int:
+        """The step count as given, or its default (the student's default of a plain LCM adapter)."""
         if self.steps is not None:
             return int(self.steps)
-        return STUDENT_STEPS if self.sampler == "student" else TEACHER_STEPS
+        return TEACHER_STEPS if self.sampler == "teacher" else STUDENT_STEPS
 
 
 @dataclass
@@ -238,6 +245,7 @@ class InferenceResult:
     warnings: list[str]
     timings: dict[str, float]
     prompt: str
+    student_sampler: str | None = None  # the student sampler that ran (lcm | pcm | tcd), None for the teacher
 
 
 def to_uint8_image(decoded: torch.Tensor) -> np.ndarray:
@@ -514,6 +522,16 @@ def conditioning_from_sample(sample: dict[str, Any], negative_prompt: str = DEFA
 # --------------------------------------------------------------------------------------------------
 # the pipeline
 
+STUDENT_SAMPLER_NAMES = ("student", "auto", "lcm", "pcm", "tcd")
+
+
+def _adapter_info(path: str | os.PathLike[str]) -> AdapterInfo | None:
+    """The adapter's training record (None for folders written before it existed)."""
+    try:
+        return AdapterInfo.load(path)
+    except AdapterInfoError as exc:
+        raise InferenceInputError(f"cannot read the LoRA's training record: {exc}") from exc
+
 
 def attach_student_lora(model: AnyText2Model, path: str | os.PathLike[str], scale: float,
                         merge: bool) -> tuple[AnyText2Model, Any]:
@@ -633,9 +651,10 @@ class AnyText2Pipeline:
         """Apply a student adapter folder (``adapter_config.json`` + weights), scaled by ``scale``."""
         if self.has_lora:
             raise InferenceInputError(f"a student LoRA is already applied ({self.lora_path}); build a new pipeline")
+        info = _adapter_info(path)
         self.model, self._peft = attach_student_lora(self.model, path, scale, merge)
         self.lora_path, self.lora_scale, self.lora_merged = str(path), float(scale), bool(merge)
-        self.adapter_info = AdapterInfo.load(path)
+        self.adapter_info = info
         if self.recipe is not None:
             self.recipe = replace(self.recipe, lora_path=str(path), lora_scale=float(scale), lora_merged=bool(merge))
 
@@ -667,7 +686,7 @@ class AnyText2Pipeline:
         self.model, self._peft = model.to(recipe.device), peft
         self.recipe, self.swap_notes = recipe, notes
         self.lora_path, self.lora_scale, self.lora_merged = recipe.lora_path, recipe.lora_scale, recipe.lora_merged
-        self.adapter_info = AdapterInfo.load(recipe.lora_path) if recipe.lora_path else None
+        self.adapter_info = _adapter_info(recipe.lora_path) if recipe.lora_path else None
         # the caches key on tensor identity, which a rebuilt model may reuse from a freed one
         self._blank_latents, self._uncond_captions = BlankLatentCache(), UncondCaptionCache()
 
@@ -699,9 +718,20 @@ class AnyText2Pipeline:
             with adapters_disabled(self._peft) if self._peft is not None else contextlib.nullcontext():
                 yield []
             return
-        if sampler != "student":
-            raise InferenceInputError(f"sampler must be 'student' or 'teacher', got {sampler!r}")
-        yield [] if self.has_lora else ["no student LoRA is loaded: this is few-step LCM sampling of the base teacher"]
+        if sampler not in STUDENT_SAMPLER_NAMES:
+            raise InferenceInputError(f"sampler must be 'teacher' or one of {', '.join(STUDENT_SAMPLER_NAMES)}, "
+                                      f"got {sampler!r}")
+        yield [] if self.has_lora else ["no student LoRA is loaded: this is few-step sampling of the base teacher"]
+
+    def student_plan(self, options: SamplingOptions) -> StudentSampling:
+        """The student sampler and step count for ``options`` and the loaded adapter's record; refuses with a
+        message a sampler or step count the adapter was not trained for."""
+        requested = "auto" if options.sampler == "student" else options.sampler
+        try:
+            return plan_student_sampling(requested, options.steps, self.adapter_info)
+        except ValueError as exc:
+            where = f" ({self.lora_path})" if self.lora_path else ""
+            raise InferenceInputError(f"{exc}{where}") from exc
 
     def _masked_latent(self, conditioning: Conditioning, generator: torch.Generator) -> torch.Tensor:
         """The masked image's latent; generation mode's blank image reuses its cached VAE moments."""
@@ -727,8 +757,10 @@ class AnyText2Pipeline:
         options = options or SamplingOptions()
         if options.num_images < 1:
             raise InferenceInputError(f"the image count must be at least 1, got {options.num_images}")
-        steps = options.resolved_steps()
-        check_steps("steps", steps, options.sampler == "teacher", training_grid(self.adapter_info))
+        plan = None if options.sampler == "teacher" else self.student_plan(options)
+        steps = options.resolved_steps() if plan is None else plan.steps
+        if plan is None:
+            check_steps("steps", steps, teacher=True)
         seed = resolve_seed(options.seed)
         generator = torch.Generator().manual_seed(seed)
         timings: dict[str, float] = {}
@@ -752,10 +784,8 @@ class AnyText2Pipeline:
                     options.strength, options.attnx_scale, latents, images_per_condition=options.num_images,
                     batch_cfg=options.batch_cfg, anytext2_grid=options.anytext2_ddim_grid)
             else:
-                latents = sample_student_lcm(self.model, cond, steps, generator,
-                                             original_inference_steps=self.lcm_grid, strength=options.strength,
-                                             attnx_scale=options.attnx_scale, latents=latents,
-                                             images_per_condition=options.num_images)
+                latents = sample_student(self.model, cond, plan, generator, options.strength, options.attnx_scale,
+                                         latents, gamma=options.gamma, images_per_condition=options.num_images)
             self._sync()
             timings["sample"] = time.perf_counter() - start
             start = time.perf_counter()
@@ -765,7 +795,7 @@ class AnyText2Pipeline:
         return InferenceResult(
             images=list(images), glyph_image=conditioning.glyph_image, font_hint_image=conditioning.font_hint_image,
             seed=seed, sampler=options.sampler, steps=steps, warnings=list(conditioning.warnings) + weight_warnings,
-            timings=timings, prompt=conditioning.describe(),
+            timings=timings, prompt=conditioning.describe(), student_sampler=plan.name if plan else None,
         )
 
     def __call__(self, request: TextRequest, options: SamplingOptions | None = None) -> InferenceResult:

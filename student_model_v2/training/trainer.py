@@ -257,7 +257,11 @@ class Objective(abc.ABC):
         """What the saved adapter was trained for (written as ``distillation.json`` in every checkpoint)."""
         return AdapterInfo(version=self.name, objective=self.kind, num_inference_steps=self.args.num_inference_steps,
                            lora_targets=self.args.lora_targets, lora_rank=self.args.lora_rank,
-                           lora_alpha=self.args.lora_alpha)
+                           lora_alpha=self.args.lora_alpha, num_phases=self.num_phases())
+
+    def num_phases(self) -> int | None:
+        """The phase count a phased-consistency objective trains (its sampler serves exactly that many steps)."""
+        return None
 
     @abc.abstractmethod
     def compute_loss(self, denoisers: Denoisers, latents: torch.Tensor, batch: dict[str, Any],
