@@ -40,12 +40,13 @@ from PIL import Image, ImageDraw
 
 from student_model_v2.anytext2.checkpoint import DTYPES
 from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
-from student_model_v2.distillation.adapter_info import AdapterInfo, training_grid
+from student_model_v2.distillation.adapter_info import AdapterInfo
 from student_model_v2.distillation.samplers import plan_student_sampling
 from student_model_v2.inference.checks import (
     check_adapter_flag,
     check_size,
     check_steps,
+    check_student_steps,
     resolve_output_path,
 )
 from student_model_v2.inference.inputs import (
@@ -198,8 +199,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def check_student_sampling(args: argparse.Namespace, info: AdapterInfo | None) -> None:
     """The student's step count and sampler against what its adapter was trained for (``distillation.json``)."""
-    if args.num_inference_steps is not None and not (info is not None and info.objective == "pcm"):
-        check_steps("--num_inference_steps", args.num_inference_steps, teacher=False, grid=training_grid(info))
+    check_student_steps("--num_inference_steps", args.num_inference_steps, info)
     student_sampler = "auto" if args.sampler in ("student", "teacher") else args.sampler
     try:
         plan_student_sampling(student_sampler, args.num_inference_steps, info)

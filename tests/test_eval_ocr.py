@@ -296,13 +296,14 @@ def test_the_adapter_record_sets_the_student_sampler_and_refuses_other_step_coun
     shutil.copytree(fresh_adapter, pcm)
     AdapterInfo(version="v2_5", objective="pcm", num_inference_steps=50, lora_targets="attention", lora_rank=4,
                 lora_alpha=4, num_phases=2).save(pcm)
+    tiny = ["--config", str(TINY_YAML), "--teacher_ckpt", ""]
     plan = student_sampling(build_parser().parse_args(["--lora_path", str(pcm), "--output_dir", str(tmp_path)]))
     assert (plan.name, plan.steps) == ("pcm", 2)
     plain = ["--lora_path", str(fresh_adapter), "--output_dir", str(tmp_path)]
     plan = student_sampling(build_parser().parse_args(plain))
     assert (plan.name, plan.steps) == ("lcm", 4)  # a folder without the record: LCM, as before
     with pytest.raises(SystemExit, match=r"2 phases, so its sampler takes exactly 2 steps \(one jump per phase\), not 4"):
-        main(["--lora_path", str(pcm), "--student_steps", "4", "--output_dir", str(tmp_path / "out")])
+        main([*tiny, "--lora_path", str(pcm), "--student_steps", "4", "--output_dir", str(tmp_path / "out")])
 
 
 def test_bench_json_option_writes_the_printed_result(tmp_path, capsys):

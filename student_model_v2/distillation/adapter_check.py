@@ -147,7 +147,10 @@ def _peft_lora_shapes(model_config: ModelConfig, lora_config: LoraConfig) -> tup
         unmatched = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in matched))
     if not matched:
         return {}, unmatched
-    peft_model = get_peft_model(skeleton, copy.deepcopy(lora_config))
+    try:
+        peft_model = get_peft_model(skeleton, copy.deepcopy(lora_config))
+    except ValueError as exc:  # a target name that selects a layer LoRA cannot wrap in this model (e.g. an Identity)
+        raise AdapterMismatchError(f"its target modules select layers of this model that LoRA cannot wrap ({exc})") from exc
     state = get_peft_model_state_dict(peft_model)
     return {key: tuple(value.shape) for key, value in state.items()}, unmatched
 
@@ -166,7 +169,11 @@ def check_adapter(model: AnyText2Model | ModelConfig | str | os.PathLike[str],
         model_config = model
     else:
         model_config = load_model_config(model)
-    expected, unmatched = expected_lora_shapes(model_config, adapter.config)
+    try:
+        expected, unmatched = expected_lora_shapes(model_config, adapter.config)
+    except AdapterMismatchError as exc:
+        raise AdapterMismatchError(f"{adapter.path} does not fit this model: {exc}. "
+                                   f"Adapter: {adapter.trained_for()}") from exc
     missing = sorted(_short(k) for k in expected.keys() - adapter.shapes.keys())
     unexpected = sorted(_short(k) for k in adapter.shapes.keys() - expected.keys())
     mismatched = sorted(k for k in expected.keys() & adapter.shapes.keys() if expected[k] != adapter.shapes[k])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..anytext2.config import ConfigError, ModelConfig
 from ..distillation.adapter_check import AdapterError, AdapterFolder, check_adapter
-from ..distillation.adapter_info import DEFAULT_LCM_GRID
+from ..distillation.adapter_info import DEFAULT_LCM_GRID, AdapterInfo, training_grid
 from .inputs import SIZE_MULTIPLE, InferenceInputError
 
 MAX_TEACHER_STEPS = 1000  # the DDPM schedule's length: DDIM cannot take more steps than it has timesteps
@@ -30,6 +30,13 @@ def check_steps(name: str, steps: int, teacher: bool, grid: int = DEFAULT_LCM_GR
     elif not 1 <= steps <= grid:
         raise InferenceInputError(f"{name} {steps}: the student takes 1 to {grid} LCM steps (the solver grid its "
                                   "adapter was trained on); 4 to 8 is its range")
+
+
+def check_student_steps(name: str, steps: int | None, info: AdapterInfo | None) -> None:
+    """An explicit LCM/TCD step count within the adapter's training grid (a PCM adapter's count is its
+    phase count, which the sampler plan checks)."""
+    if steps is not None and not (info is not None and info.objective == "pcm"):
+        check_steps(name, steps, teacher=False, grid=training_grid(info))
 
 
 def check_size(name: str, value: int) -> None:

@@ -63,7 +63,7 @@ from ..distillation.conditioning import UncondCaptionCache
 from ..distillation.lora import adapters_disabled, load_lora
 from ..distillation.samplers import StudentSampling, plan_student_sampling, sample_student, sample_teacher_ddim
 from .cache import BlankLatentCache, is_blank_masked_image
-from .checks import check_steps
+from .checks import check_steps, check_student_steps
 from .inputs import (
     DEFAULT_A_PROMPT,
     DEFAULT_N_PROMPT,
@@ -757,6 +757,8 @@ class AnyText2Pipeline:
         options = options or SamplingOptions()
         if options.num_images < 1:
             raise InferenceInputError(f"the image count must be at least 1, got {options.num_images}")
+        if options.sampler != "teacher":
+            check_student_steps("steps", options.steps, self.adapter_info)
         plan = None if options.sampler == "teacher" else self.student_plan(options)
         steps = options.resolved_steps() if plan is None else plan.steps
         if plan is None:
