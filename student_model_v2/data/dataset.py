@@ -180,6 +180,7 @@ class SampleBuilder:
         if entry.image_size != tuple(image_size) or source is None or entry.digest != source_digest(source):
             issues["cache.stale"] += 1
             return None
+        issues["cache.hit"] += 1
         return entry.renders
 
     def build(self, record: dict, image: np.ndarray, image_size: tuple[int, int], rng: np.random.Generator,
