@@ -69,7 +69,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                       help="how DataLoader workers start: fork is fastest; spawn/forkserver start clean interpreters "
                       "(each re-imports the package and unpickles the dataset)")
     data.add_argument("--dataloader_timeout", type=float, default=600,
-                      help="seconds to wait for one batch from the workers before failing (a hung worker); 0 = forever")
+                      help="a data worker that spends longer than this on one batch prints its stack and exits, "
+                      "so a hung worker fails the run instead of stalling it; 0 = no limit")
     data.add_argument("--lmdb_mismatch", choices=["error", "warn"], default="error",
                       help="an --lmdb_path cache that lacks most of this dataset's records: refuse, or warn and "
                       "render the misses online (counted as cache.miss)")

@@ -17,14 +17,17 @@ Workers (``--num_workers > 0``), under ``--dataloader_start_method`` fork (defau
   worker draws them (their RNG is per (seed, epoch, index)).
 * LMDB environments are opened per process on first read and closed before every fork
   (``data/lmdb_glyph_cache.py``), so no worker inherits one.
-* A worker that dies (killed, OOM, crashed) is reported by torch's worker-status check within a few
-  seconds ("DataLoader worker (pid N) exited unexpectedly" / "is killed by signal"); a worker that hangs
-  is reported after ``--dataloader_timeout`` seconds ("DataLoader timed out after N seconds").
+* A worker that dies (killed, OOM, crashed) is reported by torch's worker-status check, which polls
+  every 5 seconds: "DataLoader worker (pid N) exited unexpectedly" / "is killed by signal: Killed". A
+  worker that hangs is turned into a dead one by :class:`HangWatchdog`: a batch that takes longer than
+  ``--dataloader_timeout`` seconds dumps the worker's Python stack to stderr and exits it. (DataLoader's
+  own ``timeout`` is not used: with it set, torch waits that long before it notices a dead worker.)
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import functools
 import multiprocessing
 import signal
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ..data.dataset import AnyTextDataset, MockAnyTextDataset, collate_fn, make_splits
 
@@ -108,6 +111,37 @@ def build_dataset(args: argparse.Namespace) -> Dataset:
     )
 
 
+class HangWatchdog(Dataset):
+    """The loader's dataset, with a deadline per batch inside DataLoader workers.
+
+    A batch that takes longer than ``seconds`` in a worker (a deadlock in native code, a stuck network
+    filesystem) makes ``faulthandler`` print that worker's Python stack and exit it with status 1; the
+    main process then reports the dead worker within seconds instead of waiting forever. In the main
+    process (``num_workers`` 0) nothing is armed.
+    """
+
+    def __init__(self, dataset: Dataset, seconds: float) -> None:
+        self.dataset = dataset
+        self.seconds = seconds
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list) -> list:
+        armed = self.seconds > 0 and get_worker_info() is not None
+        if armed:
+            faulthandler.dump_traceback_later(self.seconds, exit=True)
+        try:
+            fetch = getattr(self.dataset, "__getitems__", None)
+            return fetch(items) if fetch is not None else [self.dataset[i] for i in items]
+        finally:
+            if armed:
+                faulthandler.cancel_dump_traceback_later()
+
+
 def worker_init(worker_id: int, num_threads: int, start_method: str) -> None:
     """Runs first in every DataLoader worker (module level, so spawn can pickle it)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -131,7 +165,6 @@ def worker_options(args: argparse.Namespace) -> dict:
     return dict(
         prefetch_factor=args.prefetch_factor, persistent_workers=args.persistent_workers,
         multiprocessing_context=multiprocessing.get_context(args.dataloader_start_method),
-        timeout=float(args.dataloader_timeout),
         worker_init_fn=functools.partial(worker_init, num_threads=args.worker_num_threads,
                                          start_method=args.dataloader_start_method),
         generator=torch.Generator().manual_seed(args.seed),
@@ -151,12 +184,15 @@ def build_dataloaders(args: argparse.Namespace) -> Loaders:
         batch_size=args.train_batch_size, collate_fn=collate_fn, num_workers=max(0, args.num_workers),
         pin_memory=args.pin_memory, **workers,
     )
-    train = DataLoader(splits["train"], sampler=train_sampler, drop_last=False, **common)
+    def watched(subset: Dataset) -> Dataset:
+        return HangWatchdog(subset, args.dataloader_timeout) if args.num_workers > 0 else subset
+
+    train = DataLoader(watched(splits["train"]), sampler=train_sampler, drop_last=False, **common)
 
     def eval_loader(name: str) -> DataLoader | None:
         subset = splits[name]
         if len(subset) == 0:
             return None
-        return DataLoader(subset, sampler=EpochSampler(subset, args.seed, shuffle=False), **common)
+        return DataLoader(watched(subset), sampler=EpochSampler(subset, args.seed, shuffle=False), **common)
 
     return Loaders(train, eval_loader("val"), eval_loader("test"), DatasetStats())
