@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import cv2
@@ -19,6 +22,7 @@ from student_model_v2.train_lcm_anytext_v2_4 import LCMObjective
 from student_model_v2.training import trainer as trainer_module
 from student_model_v2.training.args import build_parser
 from student_model_v2.training.data import build_dataloaders
+from tests.conftest import REPO_ROOT
 from tests.test_data_dataset import DEMO_JSON
 
 TINY_RUN = ["--resolution", "64", "--lora_rank", "4", "--lora_alpha", "4", "--train_batch_size", "2",
@@ -122,3 +126,40 @@ def test_hung_worker_fails_after_the_timeout(tmp_path, monkeypatch, capfd):
     assert "Timeout (0:00:02)!" in err and "in hanging" in err, err[-2000:]
     with pytest.raises(ValueError, match="dataloader_timeout"):
         _loaders(tmp_path, "--num_workers", "1", "--dataloader_timeout", "-1")
+
+
+def test_bench_train_includes_the_loader_and_reports_the_lora_size(tmp_path, capsys):
+    from student_model_v2 import bench
+    from student_model_v2.anytext2.checkpoint import build_random_teacher
+    from student_model_v2.distillation.lora import add_lora
+    from tests.conftest import TINY_YAML
+
+    bench.main(["train", "--num_workers", "2", "--steps", "2", "--warmup", "1", "--lora_rank", "4",
+                "--json", str(tmp_path / "bench.json")])
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "bench.json").read_text()) == printed
+    assert printed["loader_included"] and printed["num_workers"] == 2
+    result = printed["versions"]["v2_4"]
+    assert result["samples_per_second"] > 0 and 0 <= result["data_wait_seconds_per_step"] <= result["seconds_per_step"]
+    peft_model = add_lora(build_random_teacher(TINY_YAML), rank=4, alpha=4)
+    assert result["lora_trainable_params"] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def test_a_run_that_keeps_persistent_workers_still_exits(tmp_path):
+    # multiprocessing's exit handler SIGTERMs leftover workers (ignored) and joins them without a limit: the
+    # main process must kill them first, or every template run (persistent workers) hangs after its last step.
+    code = ("import sys\n"
+            "from student_model_v2.training.args import build_parser\n"
+            "from student_model_v2.training.data import build_dataloaders\n"
+            "if __name__ == '__main__':\n"
+            "    args = build_parser('t').parse_args(['--use_mock_dataset', '--mock_size', '4', '--resolution', '64',\n"
+            "        '--num_workers', '2', '--persistent_workers', '--train_batch_size', '2'])\n"
+            "    sys.modules['__main__'].kept = build_dataloaders(args)\n"
+            "    for _ in sys.modules['__main__'].kept.train:\n"
+            "        pass\n"
+            "    print('trained', flush=True)\n")
+    script = tmp_path / "keep_workers.py"
+    script.write_text(code)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0 and "trained" in result.stdout, result.stderr[-2000:]

@@ -11,7 +11,10 @@ Workers (``--num_workers > 0``), under ``--dataloader_start_method`` fork (defau
   pool has run, ``cv2.setNumThreads`` in a forked child deadlocks (the pool's threads do not exist in
   the child), so a forked worker inherits the count and only spawn/forkserver workers set it.
 * Workers ignore SIGTERM and SIGINT: Slurm, ``oom_guard.py`` and Ctrl-C signal the whole process
-  group, and the main process must be able to checkpoint before it shuts its workers down.
+  group, and the main process must be able to checkpoint before it shuts its workers down. Since
+  multiprocessing's exit handler stops leftover (e.g. persistent) workers with SIGTERM and then joins
+  them without a limit, the main process kills its remaining workers at exit first
+  (:func:`_kill_workers_at_exit`), or every run with persistent workers would hang at exit.
 * Per-worker seeds: torch seeds ``random``, numpy's global RNG and torch in each worker from the
   loader's generator (seeded from ``--seed`` here); the samples themselves do not depend on which
   worker draws them (their RNG is per (seed, epoch, index)).
@@ -27,6 +30,7 @@ Workers (``--num_workers > 0``), under ``--dataloader_start_method`` fork (defau
 from __future__ import annotations
 
 import argparse
+import atexit
 import faulthandler
 import functools
 import multiprocessing
@@ -151,6 +155,20 @@ def worker_init(worker_id: int, num_threads: int, start_method: str) -> None:
         cv2.setNumThreads(num_threads)
 
 
+def _kill_workers_at_exit() -> None:
+    """SIGKILL this process's remaining daemonic children (DataLoader workers ignore SIGTERM).
+
+    Registered after ``multiprocessing.util`` registered its own exit handler, so it runs first.
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(5)
+
+
+_exit_handler_registered = False
+
+
 def worker_options(args: argparse.Namespace) -> dict:
     """DataLoader keywords for ``--num_workers > 0`` (empty for 0: everything runs in the main process).
 
@@ -162,6 +180,10 @@ def worker_options(args: argparse.Namespace) -> dict:
     if args.dataloader_timeout < 0:
         raise ValueError(f"--dataloader_timeout must be >= 0, got {args.dataloader_timeout}")
     cv2.setNumThreads(args.worker_num_threads)
+    global _exit_handler_registered
+    if not _exit_handler_registered:
+        atexit.register(_kill_workers_at_exit)
+        _exit_handler_registered = True
     return dict(
         prefetch_factor=args.prefetch_factor, persistent_workers=args.persistent_workers,
         multiprocessing_context=multiprocessing.get_context(args.dataloader_start_method),
