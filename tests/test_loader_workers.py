@@ -152,14 +152,18 @@ def test_a_run_that_keeps_persistent_workers_still_exits(tmp_path):
             "from student_model_v2.training.args import build_parser\n"
             "from student_model_v2.training.data import build_dataloaders\n"
             "if __name__ == '__main__':\n"
-            "    args = build_parser('t').parse_args(['--use_mock_dataset', '--mock_size', '4', '--resolution', '64',\n"
+            "    args = build_parser('t').parse_args(['--use_mock_dataset', '--mock_size', '40', '--resolution', '64',\n"
             "        '--num_workers', '2', '--persistent_workers', '--train_batch_size', '2'])\n"
-            "    sys.modules['__main__'].kept = build_dataloaders(args)\n"
-            "    for _ in sys.modules['__main__'].kept.train:\n"
+            "    loaders = sys.modules['__main__'].kept = build_dataloaders(args)\n"
+            "    for _ in loaders.train:\n"
             "        pass\n"
+            "    for loader in (loaders.val, loaders.test):\n"
+            "        for _ in loader:\n"
+            "            break\n"
             "    print('trained', flush=True)\n")
     script = tmp_path / "keep_workers.py"
     script.write_text(code)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.returncode == 0 and "trained" in result.stdout, result.stderr[-2000:]

@@ -30,10 +30,10 @@ Workers (``--num_workers > 0``), under ``--dataloader_start_method`` fork (defau
 from __future__ import annotations
 
 import argparse
-import atexit
 import faulthandler
 import functools
 import multiprocessing
+import multiprocessing.util
 import signal
 from collections import Counter
 from collections.abc import Iterator
@@ -158,12 +158,17 @@ def worker_init(worker_id: int, num_threads: int, start_method: str) -> None:
 def _kill_workers_at_exit() -> None:
     """SIGKILL this process's remaining daemonic children (DataLoader workers ignore SIGTERM).
 
-    Registered after ``multiprocessing.util`` registered its own exit handler, so it runs first.
+    Registered as a multiprocessing finalizer with an exit priority, which multiprocessing's exit handler
+    runs before it terminates and joins the children (whatever the order of ``atexit`` registrations).
+    torch's SIGCHLD handler would raise "worker killed" at the first kill and abort this loop, so it is
+    reset first: at exit the workers' deaths are expected.
     """
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(5)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in workers:
+        child.kill()
+    for child in workers:
+        child.join(5)
 
 
 _exit_handler_registered = False
@@ -182,7 +187,7 @@ def worker_options(args: argparse.Namespace) -> dict:
     cv2.setNumThreads(args.worker_num_threads)
     global _exit_handler_registered
     if not _exit_handler_registered:
-        atexit.register(_kill_workers_at_exit)
+        multiprocessing.util.Finalize(None, _kill_workers_at_exit, exitpriority=100)
         _exit_handler_registered = True
     return dict(
         prefetch_factor=args.prefetch_factor, persistent_workers=args.persistent_workers,
