@@ -137,7 +137,8 @@ class HangWatchdog(Dataset):
     def __getitems__(self, items: list) -> list:
         armed = self.seconds > 0 and get_worker_info() is not None
         if armed:
-            faulthandler.dump_traceback_later(self.seconds, exit=True)
+            # fd 2 itself: sys.stderr may be replaced by an object without a file descriptor
+            faulthandler.dump_traceback_later(self.seconds, exit=True, file=2)
         try:
             fetch = getattr(self.dataset, "__getitems__", None)
             return fetch(items) if fetch is not None else [self.dataset[i] for i in items]
