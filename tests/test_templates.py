@@ -3,7 +3,9 @@
 The template file itself is launched; the command line overrides only what makes it small:
 
 * size: the tiny model config and random-init teacher, the demo dataset (and an LMDB cache built from it
-  when the template reads one), 64 px, LoRA rank 4;
+  when the template reads one), 64 px, LoRA rank 4; the validation split gets one batch more than
+  ``eval_batches`` (a 1 % split of 48 images is one image), so that, as on the full dataset, every
+  evaluation stops after ``eval_batches`` batches instead of exhausting its loader;
 * steps: 2 optimizer steps, with every step cadence scaled down with them (``save_steps`` 1, so a
   checkpoint and an evaluation happen between the two steps; ``log_image_steps`` 2; ``logging_steps`` 1;
   ``lr_warmup_steps`` 1);
@@ -37,6 +39,7 @@ from tests.test_data_dataset import DEMO_JSON
 
 TEMPLATES = sorted((REPO_ROOT / "student_model_v2").glob("train_config*.yaml"))
 STEPS = 2
+DEMO_IMAGES = 48
 
 
 def _flat(template: dict) -> dict:
@@ -68,6 +71,11 @@ def test_template_runs_scaled_down_in_size_and_steps(template, tmp_path, demo_lm
                  "--dataset_json", str(DEMO_JSON), "--cache_dir", str(demo_lmdb / "index"), "--resolution", "64",
                  "--lora_rank", "4", "--lora_alpha", "4", "--max_train_steps", str(STEPS), "--save_steps", "1",
                  "--logging_steps", "1", "--log_image_steps", str(STEPS)]
+    batch, eval_batches = int(settings.get("train_batch_size", 1)), int(settings.get("eval_batches", 1))
+    if eval_batches > 0:
+        val = min(1.0, (eval_batches + 1) * batch / DEMO_IMAGES + 1e-6)
+        test = float(settings.get("test_ratio", 0.05))
+        overrides += ["--val_ratio", f"{val:.6f}", "--test_ratio", str(test), "--train_ratio", f"{1 - val - test:.6f}"]
     if settings.get("lr_warmup_steps"):
         overrides += ["--lr_warmup_steps", "1"]
     if settings.get("mixed_precision") == "fp16":
