@@ -2,7 +2,7 @@
 writes it to a file).
 
     python -m student_model_v2.bench data [--dataset_json ...] [--min_lines 5] [--repeats 3]
-    python -m student_model_v2.bench train --version v2_4 [--config ...] [--batch_size 2] [--steps 5]
+    python -m student_model_v2.bench train --version v2_4 [--config ...] [--batch_size 2] [--steps 5] [--num_workers 2]
     python -m student_model_v2.bench teacher [--config models_yaml/anytext2_sd15.yaml] [--dtype bf16]
     python -m student_model_v2.bench infer [--config ...] [--resolution 64] [--num_images 4] [--repeats 3]
 
@@ -11,11 +11,14 @@ one thread): the online path (font-hint randaug on, as in training), the online 
 off, and the LMDB path (randaug off, which the cache needs), plus the cache build time. Only samples
 with at least ``--min_lines`` usable lines are timed.
 
-``train``: per training version, seconds per optimizer step and per sample (data loading excluded:
-batches are fetched before timing), the UNet, WriteNet, VAE-encoder and CLIP caption calls of one step
-with their batch rows, and parameter memory (frozen base vs LoRA). Several ``--version`` values run in
-one process, so their ratios are comparable. Without ``--teacher_ckpt`` the teacher is the random init
-rule (fine for timing: the cost does not depend on the weights).
+``train``: per training version, seconds per optimizer step and samples per second with the real
+DataLoader in the loop (the training split of ``--dataset_json``, default the demo set, read with
+``--num_workers`` workers, optionally through ``--lmdb_path``; batches are pulled from the loader inside
+the timed steps, and ``data_wait_seconds_per_step`` is the part spent waiting for them), the trainable
+LoRA parameter count, the UNet, WriteNet, VAE-encoder and CLIP caption calls of one step with their batch
+rows, and parameter memory (frozen base vs LoRA). Several ``--version`` values run in one process, so
+their ratios are comparable. Without ``--teacher_ckpt`` the teacher is the random init rule (fine for
+timing: the cost does not depend on the weights).
 
 ``infer``: end-to-end latency of one inference request (glyph rendering, OCR/CLIP/VAE-encode
 conditioning, sampling and VAE decode; same request, image count and seed) for the teacher (20 DDIM
@@ -37,7 +40,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 if __package__ in (None, ""):  # run as a file: see _script_mode.py
     import _script_mode  # noqa: F401
@@ -111,6 +114,15 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _endless(loader) -> Iterator:
+    """Batches from ``loader``, epoch after epoch (the timed steps may outnumber one epoch's batches)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def bench_train(args: argparse.Namespace) -> dict:
     import importlib
 
@@ -124,27 +136,35 @@ def bench_train(args: argparse.Namespace) -> dict:
             module = importlib.import_module(f"student_model_v2.train_lcm_anytext_{version}")
             argv = ["--config", args.config, "--resolution", str(args.resolution), "--train_batch_size",
                     str(args.batch_size), "--mixed_precision", args.mixed_precision, "--teacher_dtype",
-                    args.teacher_dtype, "--output_dir", str(Path(tmp) / version), "--use_mock_dataset",
-                    "--mock_size", str(args.batch_size * (args.warmup + args.steps)), "--train_ratio", "1.0",
+                    args.teacher_dtype, "--output_dir", str(Path(tmp) / version), "--dataset_json",
+                    *args.dataset_json, "--cache_dir", str(Path(tmp) / "index"), "--train_ratio", "1.0",
                     "--val_ratio", "0.0", "--test_ratio", "0.0", "--eval_batches", "0", "--save_steps", "0",
                     "--max_train_steps", str(args.warmup + args.steps), "--lora_rank", str(args.lora_rank),
-                    "--lora_alpha", str(args.lora_rank), "--lora_targets", args.lora_targets]
+                    "--lora_alpha", str(args.lora_rank), "--num_workers", str(args.num_workers),
+                    "--dataloader_start_method", args.dataloader_start_method, "--persistent_workers", "--lora_targets", args.lora_targets]
             if args.teacher_ckpt:
                 argv += ["--teacher_ckpt", args.teacher_ckpt]
+            if args.lmdb_path:
+                argv += ["--lmdb_path", args.lmdb_path, "--no_font_hint_randaug"]
             trainer = Trainer(module.build_argument_parser().parse_args(argv), module.OBJECTIVE)
             device = trainer.accelerator.device
-            batches = list(trainer.train_loader)[: args.warmup + args.steps]
-            for batch in batches[: args.warmup]:
-                trainer.train_step(batch)
+            batches = _endless(trainer.train_loader)
+            for _ in range(args.warmup):
+                trainer.train_step(next(batches))
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             trainer.counter.reset()
             _sync(device)
             started = time.perf_counter()
-            for batch in batches[args.warmup :]:
+            data_wait = 0.0
+            for _ in range(args.steps):
+                fetch_started = time.perf_counter()
+                batch = next(batches)
+                data_wait += time.perf_counter() - fetch_started
                 trainer.train_step(batch)
             _sync(device)
             seconds = (time.perf_counter() - started) / args.steps
+            batches.close()
             params = list(trainer.student.parameters())
             calls = trainer.counter
 
@@ -155,6 +175,9 @@ def bench_train(args: argparse.Namespace) -> dict:
             results[version] = {
                 "seconds_per_step": round(seconds, 4),
                 "seconds_per_sample": round(seconds / args.batch_size, 4),
+                "samples_per_second": round(args.batch_size / seconds, 3),
+                "data_wait_seconds_per_step": round(data_wait / args.steps, 4),
+                "lora_trainable_params": sum(p.numel() for p in params if p.requires_grad),
                 "unet_calls_per_step": per_step(calls.unet_calls),
                 "writenet_calls_per_step": per_step(calls.writenet_calls),
                 "vae_calls_per_step": per_step(calls.vae_calls),
@@ -168,6 +191,8 @@ def bench_train(args: argparse.Namespace) -> dict:
     return {
         "command": "train", "config": args.config, "device": str(device), "resolution": args.resolution,
         "batch_size": args.batch_size, "lora_targets": args.lora_targets, "mixed_precision": args.mixed_precision, "teacher_dtype": args.teacher_dtype,
+        "dataset_json": args.dataset_json, "lmdb_path": args.lmdb_path or None, "num_workers": args.num_workers,
+        "dataloader_start_method": args.dataloader_start_method, "loader_included": True,
         "timed_steps": args.steps, "random_init_teacher": not args.teacher_ckpt, "versions": results,
         "step_time_relative_to_first": {v: round(r["seconds_per_step"] / first, 3) for v, r in results.items()},
     }
@@ -336,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup", type=int, default=1)
     train.add_argument("--lora_rank", type=int, default=64)
     train.add_argument("--lora_targets", choices=LORA_TARGET_SETS, default=DEFAULT_LORA_TARGETS)
+    train.add_argument("--dataset_json", nargs="+", default=[DEFAULT_DATASET], help="training data (all of it is used)")
+    train.add_argument("--lmdb_path", default="", help="LMDB render cache for --dataset_json (font-hint randaug off)")
+    train.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (persistent)")
+    train.add_argument("--dataloader_start_method", choices=["fork", "spawn", "forkserver"], default="fork")
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     train.add_argument("--teacher_dtype", choices=DTYPE_CHOICES, default="fp32")
     train.set_defaults(func=bench_train)

@@ -6,7 +6,9 @@
 Resumable: re-running with the same options skips images already stored (an interrupted build picks up
 where it stopped; a grown dataset only renders the new images). Safe: the meta record's ``complete``
 flag is set only after the last record is committed, and the dataset refuses a cache without it.
-Different render options on an existing cache are an error unless ``--overwrite``.
+Different render options on an existing cache, or a cache built by an older version of this tool (format
+version 1: no image digests), are an error unless ``--overwrite``. Every record stores the content digest
+of its image file, so training re-renders (and counts as ``cache.stale``) an image replaced after the build.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -93,7 +94,7 @@ from .json_index import (
     split_indices,
     wm_score,
 )
-from .lmdb_glyph_cache import LineRenderCache
+from .lmdb_glyph_cache import CacheError, LineRenderCache, decode_record, source_digest
 from .synthetic import synth_sample
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ class SampleBuilder:
         self.cap_watermark = cap_watermark
         self.caption_phrases = tuple(caption_phrases)
         self.cache = LineRenderCache(lmdb_path, self.render_opts, self.fonts) if lmdb_path else None
+        self._corrupt_logged = 0
 
     def _line_render(self, line: LineAnn, cached: dict[int, LineRender] | None,
                      issues: Counter) -> tuple[Patch, np.ndarray, Patch | None]:
@@ -170,22 +172,35 @@ class SampleBuilder:
         glyph, strip = render_line_text(line, self.render_opts)
         return glyph, strip, None
 
-    def _cached_renders(self, key: str, image_size: tuple[int, int], issues: Counter) -> dict | None:
+    def _cached_renders(self, record: dict, image_size: tuple[int, int], source: Path | None,
+                        issues: Counter, where: str) -> dict | None:
+        """The record's cached renders, or None (counted) when absent, undecodable or built from another
+        version of the image (other size or other file content)."""
         if self.cache is None:
             return None
-        entry = self.cache.get(key)
-        if entry is None:
+        blob = self.cache.get_blob(record_cache_key(record))
+        if blob is None:
             issues["cache.miss"] += 1
             return None
-        if entry.image_size != tuple(image_size):
+        try:
+            entry = decode_record(blob)
+        except CacheError as exc:
+            issues["cache.corrupt"] += 1
+            self._corrupt_logged += 1
+            if self._corrupt_logged <= 20:
+                logger.warning("corrupt LMDB record for %s in %s (%s): rendering online", where, self.cache.path, exc)
+            return None
+        if entry.image_size != tuple(image_size) or source is None or entry.digest != source_digest(source):
             issues["cache.stale"] += 1
             return None
+        issues["cache.hit"] += 1
         return entry.renders
 
     def build(self, record: dict, image: np.ndarray, image_size: tuple[int, int], rng: np.random.Generator,
-              issues: Counter, where: str) -> dict:
+              issues: Counter, where: str, source: Path | None = None) -> dict:
         """One sample from a record and its (resolution, resolution, 3) uint8 image of stored size
-        ``image_size``; upstream T3 order of operations, all random draws from ``rng``."""
+        ``image_size`` read from file ``source`` (checked against the LMDB record's digest); upstream T3
+        order of operations, all random draws from ``rng``."""
         R, L = self.resolution, self.max_lines
         edit_mode = bool(rng.random() < self.mask_img_prob)
         raw_caption = record.get("caption")
@@ -211,7 +226,7 @@ class SampleBuilder:
         phrase = self.caption_phrases[int(rng.integers(len(self.caption_phrases)))]
 
         G = self.glyph_size
-        cached = self._cached_renders(key, image_size, issues) if lines else None
+        cached = self._cached_renders(record, image_size, source, issues, where) if lines else None
         rendered: list[_RenderedLine] = []
         for line, color in zip(lines, colors):
             glyph, strip, hint_base = self._line_render(line, cached, issues)
@@ -297,13 +312,24 @@ class _BaseDataset(Dataset):
         self._issues: Counter = Counter()
 
     def set_epoch(self, epoch: int) -> None:
-        """New random draws for every epoch when a seed is set (like DistributedSampler.set_epoch)."""
+        """New random draws for every epoch when a seed is set (like DistributedSampler.set_epoch).
+
+        DataLoader workers hold copies of the dataset, so a loader passes the epoch with every index
+        instead (``dataset[(epoch, index)]``, see :class:`EpochSubset`); this is for direct use.
+        """
         self.epoch = int(epoch)
 
-    def _rng(self, index: int) -> np.random.Generator:
+    def _unpack(self, item: int | tuple[int, int]) -> tuple[int, int]:
+        """(epoch, index) of ``dataset[index]`` (this object's epoch) or ``dataset[(epoch, index)]``."""
+        if isinstance(item, tuple):
+            epoch, index = item
+            return int(epoch), int(index)
+        return self.epoch, int(item)
+
+    def _rng(self, index: int, epoch: int) -> np.random.Generator:
         if self.seed is None:
             return np.random.default_rng()
-        return np.random.default_rng([self.seed, self.epoch, index])
+        return np.random.default_rng([self.seed, epoch, index])
 
     def issue_counts(self) -> dict[str, int]:
         """Skips and fixes seen by this process (the main process only when num_workers > 0; use the
@@ -323,7 +349,9 @@ class AnyTextDataset(_BaseDataset):
     :func:`json_index.expand_dataset_paths`). Items with ``wm_score > wm_thresh`` are dropped.
     ``sample_options`` are :class:`SampleBuilder`'s keywords (resolution, max_lines, ..., lmdb_path). With
     ``lmdb_path`` the glyph renders come from a cache built by ``build_lmdb_cache`` (validated against
-    these options); the font hint still comes out of the cache only with ``font_hint_randaug=False``. With
+    these options and probed for this dataset's records: ``lmdb_mismatch="error"`` refuses a cache built
+    from another dataset, ``"warn"`` uses it with a warning and counted misses); the font hint still
+    comes out of the cache only with ``font_hint_randaug=False``. With
     ``font_dir`` each line is drawn in one of that folder's fonts that covers it (see :class:`FontSet`).
 
     Start-up fails, naming the file, for a missing/unreadable file, a file without ``data_list``, a
@@ -332,7 +360,8 @@ class AnyTextDataset(_BaseDataset):
 
     def __init__(self, dataset_json: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
                  wm_thresh: float = 1.0, cache_dir: str | os.PathLike[str] | None = None, seed: int | None = None,
-                 validate: bool = True, max_retries: int = 16, **sample_options) -> None:
+                 validate: bool = True, max_retries: int = 16, lmdb_mismatch: str = "error",
+                 **sample_options) -> None:
         super().__init__(seed)
         specs = [dataset_json] if isinstance(dataset_json, (str, os.PathLike)) else list(dataset_json)
         self.json_paths = expand_dataset_paths(specs)
@@ -346,11 +375,23 @@ class AnyTextDataset(_BaseDataset):
         if len(self) == 0:
             names = ", ".join(str(p) for p in self.json_paths)
             raise DatasetFileError(f"dataset is empty (no items after the wm_thresh={wm_thresh} filter): {names}")
+        if self.builder.cache is not None:
+            self.builder.cache.check_membership(self._probe_keys(), lmdb_mismatch)
         if validate:
             self._validate()
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    def _probe_keys(self, count: int = 32) -> list[str]:
+        """LMDB keys of up to ``count`` records spread evenly over the dataset (the cache membership probe)."""
+        keys = []
+        for index in np.unique(np.linspace(0, len(self) - 1, min(count, len(self))).astype(int)):
+            f, local = self._locate(int(index))
+            record = self.indexes[f][local]
+            if isinstance(record, dict) and isinstance(record.get("img_name"), str) and record["img_name"]:
+                keys.append(record_cache_key(record))
+        return keys
 
     def _locate(self, index: int) -> tuple[int, int]:
         f = int(np.searchsorted(self._starts, index, side="right")) - 1
@@ -369,11 +410,12 @@ class AnyTextDataset(_BaseDataset):
             roots = ", ".join(str(r) for r in self._roots[f])
             raise SampleError("missing_image", f"{source.path}: image {name!r} not found under {roots}")
         image, size = load_image(path, self.builder.resolution)
-        sample = self.builder.build(record, image, size, rng, issues, where)
+        sample = self.builder.build(record, image, size, rng, issues, where, source=path)
         sample["sample_id"] = where
         return sample
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        epoch, index = self._unpack(item)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range ({len(self)} samples)")
         index %= len(self)
@@ -382,7 +424,7 @@ class AnyTextDataset(_BaseDataset):
         for attempt in range(self.max_retries + 1):
             current = (index + attempt) % len(self)
             try:
-                return self._finish(self._load(current, self._rng(current), issues), issues)
+                return self._finish(self._load(current, self._rng(current, epoch), issues), issues)
             except SampleError as exc:
                 issues[f"sample.{exc.kind}"] += 1
                 last = exc
@@ -398,7 +440,7 @@ class AnyTextDataset(_BaseDataset):
         last: SampleError | None = None
         for index in range(len(self)):
             try:
-                self._load(index, self._rng(index), Counter())
+                self._load(index, self._rng(index, self.epoch), Counter())
                 return
             except SampleError as exc:
                 kinds[exc.kind] += 1
@@ -427,13 +469,15 @@ class MockAnyTextDataset(_BaseDataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        epoch, index = self._unpack(item)
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range ({self.size} mock samples)")
         image, record = synth_sample(self.data_seed, index, MOCK_FRAME, self.builder.font)
         image = squash_to(image, self.builder.resolution)
         issues: Counter = Counter()
-        sample = self.builder.build(record, image, (MOCK_FRAME, MOCK_FRAME), self._rng(index), issues, f"mock:{index}")
+        sample = self.builder.build(record, image, (MOCK_FRAME, MOCK_FRAME), self._rng(index, epoch), issues,
+                                    f"mock:{index}")
         sample["sample_id"] = f"mock:{index}"
         return self._finish(sample, issues)
 
@@ -467,7 +511,24 @@ def collate_fn(samples: Sequence[dict]) -> dict:
     return batch
 
 
+class EpochSubset(Subset):
+    """A ``Subset`` that also takes ``(epoch, index)`` items and passes the epoch through.
+
+    The loaders' samplers yield such pairs, so every sample's random draws follow the sampler's epoch
+    even in persistent DataLoader workers, whose dataset copies never see ``set_epoch``.
+    """
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        if isinstance(item, tuple):
+            epoch, index = item
+            return self.dataset[(epoch, self.indices[index])]
+        return self.dataset[self.indices[item]]
+
+    def __getitems__(self, items: list) -> list[dict]:
+        return [self[item] for item in items]
+
+
 def make_splits(dataset: Dataset, ratios: Sequence[float] = DEFAULT_SPLIT_RATIOS, seed: int = 42) -> dict[str, Subset]:
     """Deterministic train/val/test subsets at image level (see :func:`json_index.split_indices`)."""
     parts = split_indices(len(dataset), ratios, seed)
-    return {name: Subset(dataset, idx.tolist()) for name, idx in parts.items()}
+    return {name: EpochSubset(dataset, idx.tolist()) for name, idx in parts.items()}

@@ -3,7 +3,9 @@
 Resumable: re-running with the same options skips images already stored (an interrupted build picks up
 where it stopped; a grown dataset only renders the new images). Safe: the meta record's ``complete``
 flag is set only after the last record is committed, and the dataset refuses a cache without it.
-Different render options on an existing cache are an error unless ``overwrite``.
+Different render options on an existing cache, or a cache of an older format version, are an error
+unless ``overwrite``. Every record stores its image file's content digest, so a record whose image was
+later replaced is recognised as stale by the dataset.
 """
 
 from __future__ import annotations
@@ -32,7 +34,17 @@ from .anytext_record import (
 )
 from .glyph_render import FontSet
 from .json_index import JsonIndex, expand_dataset_paths, repo_path
-from .lmdb_glyph_cache import META_KEY, build_meta, close_shared_reader, encode_record, meta_mismatches, read_meta
+from .lmdb_glyph_cache import (
+    META_KEY,
+    CacheError,
+    build_meta,
+    check_data_file,
+    close_shared_reader,
+    encode_record,
+    meta_mismatches,
+    read_meta,
+    source_digest,
+)
 
 logger = logging.getLogger(__name__)
 _LMDB_FILES = ("data.mdb", "lock.mdb")
@@ -58,7 +70,7 @@ def render_record(job: tuple[str, str, object, str]) -> tuple[str, bytes | None,
                                    max_chars=_worker_opts.max_chars, font=_worker_font, where=where, record_key=key)
         issues.update(parsed.issues)
         renders = {line.ann_index: render_line(line, image, _worker_opts) for line in parsed.lines}
-        return key, encode_record(size, renders), issues, None
+        return key, encode_record(size, renders, source_digest(img_path)), issues, None
     except SampleError as exc:
         issues[f"sample.{exc.kind}"] += 1
         return key, None, issues, str(exc)
@@ -77,6 +89,11 @@ def _prepare_output(path: Path, opts: RenderOptions, font: FontSet, overwrite: b
     if overwrite:
         for name in _LMDB_FILES:
             (path / name).unlink(missing_ok=True)
+    elif (path / "data.mdb").is_file():
+        try:
+            check_data_file(path / "data.mdb")
+        except CacheError as exc:
+            raise SystemExit(f"error: {exc} (or pass --overwrite)") from None
     env = lmdb.open(str(path), map_size=map_size, subdir=True, readahead=False, meminit=False, lock=True)
     meta = read_meta(env)
     if meta is None:

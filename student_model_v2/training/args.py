@@ -66,7 +66,18 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument("--prefetch_factor", type=int, default=2)
     data.add_argument("--persistent_workers", action="store_true")
     data.add_argument("--pin_memory", action="store_true")
-    data.add_argument("--worker_num_threads", type=int, default=1, help="torch/cv2 threads inside each data worker")
+    data.add_argument("--worker_num_threads", type=int, default=1,
+                      help="torch/OpenCV threads per data worker (OpenCV's count is set in the main process before "
+                      "the dataset is built, since a forked worker cannot change it)")
+    data.add_argument("--dataloader_start_method", choices=["fork", "spawn", "forkserver"], default="fork",
+                      help="how DataLoader workers start: fork is fastest; spawn/forkserver start clean interpreters "
+                      "(each re-imports the package and unpickles the dataset)")
+    data.add_argument("--dataloader_timeout", type=float, default=600,
+                      help="a data worker that spends longer than this on one batch prints its stack and exits, "
+                      "so a hung worker fails the run instead of stalling it; 0 = no limit")
+    data.add_argument("--lmdb_mismatch", choices=["error", "warn"], default="error",
+                      help="an --lmdb_path cache that lacks most of this dataset's records: refuse, or warn and "
+                      "render the misses online (counted as cache.miss)")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--train_batch_size", type=int, default=1, help="per process")
