@@ -9,9 +9,7 @@ that requeue on 143 keep working).
 
 from __future__ import annotations
 
-import atexit
 import logging
-import multiprocessing
 import signal
 from typing import Any
 
@@ -53,25 +51,3 @@ def shutdown_workers(*loaders: Any) -> None:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
         base._iterator = None
-
-
-_reaper_installed = False
-
-
-def _kill_daemon_children() -> None:
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-
-
-def install_exit_reaper() -> None:
-    """At interpreter exit, SIGKILL the daemon children (DataLoader workers) still alive.
-
-    ``multiprocessing``'s own exit handler SIGTERMs daemon children and then joins them; workers that
-    ignore SIGTERM would make that join wait forever when an error leaves a loader iterator alive (a
-    traceback holding its frame). Registered after ``multiprocessing``'s handler, so it runs first.
-    """
-    global _reaper_installed
-    if not _reaper_installed:
-        atexit.register(_kill_daemon_children)
-        _reaper_installed = True

@@ -52,7 +52,7 @@ from .data import build_dataloaders
 from .distributed import refuse_sharded_teacher
 from .nonfinite import NonFiniteGuard
 from .previews import save_preview_grid
-from .stopping import SIGTERM_EXIT_CODE, StopRequest, install_exit_reaper, shutdown_workers
+from .stopping import SIGTERM_EXIT_CODE, StopRequest, shutdown_workers
 
 logger = logging.getLogger("student_model_v2.train")
 
@@ -673,7 +673,6 @@ class Trainer:
         The data workers are shut down on every way out (they ignore SIGTERM, see ``stopping.py``).
         """
         self.stop.install()
-        install_exit_reaper()
         try:
             stop_reason = self._train_loop()
         finally:
