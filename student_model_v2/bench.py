@@ -177,7 +177,6 @@ def bench_train(args: argparse.Namespace) -> dict:
                 "seconds_per_sample": round(seconds / args.batch_size, 4),
                 "samples_per_second": round(args.batch_size / seconds, 3),
                 "data_wait_seconds_per_step": round(data_wait / args.steps, 4),
-                "lora_trainable_params": sum(p.numel() for p in params if p.requires_grad),
                 "unet_calls_per_step": per_step(calls.unet_calls),
                 "writenet_calls_per_step": per_step(calls.writenet_calls),
                 "vae_calls_per_step": per_step(calls.vae_calls),

@@ -142,7 +142,7 @@ def test_bench_train_includes_the_loader_and_reports_the_lora_size(tmp_path, cap
     result = printed["versions"]["v2_4"]
     assert result["samples_per_second"] > 0 and 0 <= result["data_wait_seconds_per_step"] <= result["seconds_per_step"]
     peft_model = add_lora(build_random_teacher(TINY_YAML), rank=4, alpha=4)
-    assert result["lora_trainable_params"] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert result["lora_parameters"]["total"] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
 def test_a_run_that_keeps_persistent_workers_still_exits(tmp_path):
