@@ -306,6 +306,16 @@ def brush_size(width: int, height: int) -> int:
     return max(3, round(min(width, height) / 24))
 
 
+def edit_brush_update(editor: dict | None) -> dict:
+    """The edit canvas's brush scaled to the uploaded image, as the draw canvas's is to its size (the
+    default brush is sized for neither a small nor a large photo)."""
+    background = editor.get("background") if editor else None
+    if background is None:
+        return gr.update()
+    height, width = np.asarray(background).shape[:2]
+    return gr.update(brush=gr.Brush(default_size=brush_size(width, height), colors=["#000000"], color_mode="fixed"))
+
+
 def position_canvas_update(width: float, height: float) -> dict:
     """The draw canvas at a new size: an empty grid of that size with a brush scaled to it."""
     width, height = int(width), int(height)
@@ -649,6 +659,7 @@ def build_demo(pipeline: AnyText2Pipeline, config: DemoConfig | None = None) -> 
                        api_visibility="private", queue=False)
         for slider in (width, height):  # change, not release: an example's size must reach the canvas too
             slider.change(position_canvas_update, [width, height], draw_img, api_visibility="private", queue=False)
+        edit_img.upload(edit_brush_update, edit_img, edit_img, api_visibility="private", queue=False)
         line_inputs = [c for triple in zip(fonts, colors, mimics) for c in triple]
         inputs = [img_prompt, text_prompt, positions_json, draw_img, edit_img, sort_priority, revise_pos,
                   *line_inputs, font_hollow, sampler, img_count, lcm_steps, ddim_steps, width, height, strength,

@@ -144,6 +144,10 @@ def test_brush_and_canvas_follow_the_size():
     update = demo_v2.position_canvas_update(512.0, 256.0)
     assert update["canvas_size"] == (512, 256) and update["value"]["background"].shape == (256, 512, 3)
     assert update["brush"].default_size == demo_v2.brush_size(512, 256) == 11
+    photo = {"background": np.zeros((960, 1280, 3), np.uint8), "layers": [], "composite": None}
+    assert demo_v2.edit_brush_update(photo)["brush"].default_size == demo_v2.brush_size(1280, 960) == 40
+    assert "brush" not in demo_v2.edit_brush_update(None) and "brush" not in demo_v2.edit_brush_update(
+        {"background": None, "layers": [], "composite": None})
 
 
 def test_examples_are_valid_requests():
@@ -391,12 +395,12 @@ def _chrome(tmp_path: Path):
     return webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
 
 
-def _zoom(driver) -> float:
-    """The image editor's zoom (its toolbar shows e.g. "225%"), as a factor."""
+def _zoom(driver, editor: str = "#draw_img") -> float | None:
+    """An image editor's zoom (its toolbar shows e.g. "225%"), as a factor; None before it shows an image."""
     text = driver.execute_script(
-        "return [...document.querySelectorAll('#draw_img *')].map(e => e.textContent.trim())"
+        f"return [...document.querySelectorAll('{editor} *')].map(e => e.textContent.trim())"
         ".find(t => /^[0-9]+%$/.test(t))")
-    return int(text[:-1]) / 100
+    return int(text[:-1]) / 100 if text else None
 
 
 def _result_info(driver, wait, expected: str) -> str:
@@ -484,7 +488,14 @@ def test_browser_generates_and_shows_errors(served, tmp_path):
         expected = zoom * SIZE / 512
         wait.until(lambda _: _zoom(driver) == pytest.approx(expected, rel=0.03),
                    message=f"after the 512x512 example the canvas zoom never reached {expected:.4f}")
+        # the editing tab: uploading a photo rescales its brush (the upload handler must run without an error)
         driver.execute_script("window.scrollTo(0, 0)")
+        driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Text Editing')]").click()
+        upload = driver.find_element(By.CSS_SELECTOR, "#edit_img input[type=file]")
+        upload.send_keys(str(REPO_ROOT / "demodataset" / "imgs" / "0000.jpg"))
+        wait.until(lambda _: _zoom(driver, "#edit_img") is not None, message="the uploaded photo never showed")
+        with open(served["log"]) as log:
+            assert "Traceback" not in log.read()
         screenshot = tmp_path / "demo_page.png"
         assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
         print(f"screenshot: {screenshot}")
