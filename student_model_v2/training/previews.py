@@ -1,5 +1,6 @@
 """Preview grids written during training: one row per sample, columns image | masked image | hint |
-student few-step LCM sample (what the student draws now, with no guidance)."""
+student few-step sample (what the student draws now, with no guidance, with the sampler its objective
+serves: LCM in ``--log_image_infer_steps`` steps, or for a phased-consistency run PCM in its phase count)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from PIL import Image
 
 from ..anytext2.model import AnyText2Model
+from ..distillation.adapter_info import AdapterInfo
 from ..distillation.conditioning import encode_batch
-from ..distillation.samplers import sample_student_lcm
+from ..distillation.samplers import plan_student_sampling, sample_student
 
 
 def slice_batch(batch: dict[str, Any], count: int) -> dict[str, Any]:
@@ -40,13 +42,13 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def save_preview_grid(model: AnyText2Model, batch: dict[str, Any], args: argparse.Namespace, path: Path) -> Path:
+def save_preview_grid(model: AnyText2Model, batch: dict[str, Any], args: argparse.Namespace, path: Path,
+                      info: AdapterInfo) -> Path:
     rows = slice_batch(batch, max(1, args.log_image_samples))
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     encoded = encode_batch(model, rows, None, generator)
-    latents = sample_student_lcm(model, encoded.cond, args.log_image_infer_steps, generator=generator,
-                                 original_inference_steps=args.num_inference_steps,
-                                 strength=args.control_strength, attnx_scale=args.attnx_scale)
+    plan = plan_student_sampling("auto", None if info.objective == "pcm" else args.log_image_infer_steps, info)
+    latents = sample_student(model, encoded.cond, plan, generator, args.control_strength, args.attnx_scale)
     sample = model.vae_decode(latents)
     columns = [to_pixels(rows["img"]), to_pixels(rows["masked_img"]), to_pixels(rows["hint"] * 2 - 1), to_pixels(sample)]
     grid = np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)

@@ -659,7 +659,8 @@ class Trainer:
         student = self.accelerator.unwrap_model(self.student)
         student.eval()
         try:
-            save_preview_grid(student.anytext2, batch, args, folder / f"step_{self.global_step:07d}.png")
+            save_preview_grid(student.anytext2, batch, args, folder / f"step_{self.global_step:07d}.png",
+                              self.objective.adapter_info())
         finally:
             student.train()
 
