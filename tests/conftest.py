@@ -38,3 +38,17 @@ def student_lora_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("student_lora")
     peft_model.save_pretrained(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_lmdb(tmp_path_factory):
+    """An LMDB render cache of the demo dataset at 64 px (``<root>/cache``) and its JSON index (``<root>/index``)."""
+    from student_model_v2.data.anytext_record import RenderOptions
+    from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH
+    from student_model_v2.data.lmdb_build import build_cache
+
+    root = tmp_path_factory.mktemp("demo_lmdb")
+    build_cache([str(REPO_ROOT / "demodataset" / "annotations" / "demo_data.json")], str(root / "cache"),
+                opts=RenderOptions(resolution=64), font_path=str(DEFAULT_FONT_PATH), num_workers=0,
+                cache_dir=str(root / "index"), progress=False)
+    return root

@@ -14,28 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from student_model_v2.build_lmdb_cache import build_cache
-from student_model_v2.data.anytext_record import RenderOptions
 from student_model_v2.data.dataset import MockAnyTextDataset
-from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH
 from student_model_v2.train_lcm_anytext_v2_4 import LCMObjective
 from student_model_v2.training import trainer as trainer_module
 from student_model_v2.training.args import build_parser
 from student_model_v2.training.data import build_dataloaders
 from tests.conftest import REPO_ROOT
-from tests.test_data_dataset import DEMO_JSON
 
 TINY_RUN = ["--resolution", "64", "--lora_rank", "4", "--lora_alpha", "4", "--train_batch_size", "2",
             "--eval_batches", "0", "--save_steps", "0", "--logging_steps", "1", "--max_train_steps", "2",
             "--num_workers", "2", "--dataloader_timeout", "120"]
-
-
-@pytest.fixture(scope="module")
-def demo_lmdb(tmp_path_factory):
-    root = tmp_path_factory.mktemp("workers_lmdb")
-    build_cache([str(DEMO_JSON)], str(root / "cache"), opts=RenderOptions(resolution=64),
-                font_path=str(DEFAULT_FONT_PATH), num_workers=0, cache_dir=str(root / "index"), progress=False)
-    return root
 
 
 def _start_opencv_pool() -> None:

@@ -24,15 +24,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from student_model_v2 import launch_from_yaml as launcher
 from student_model_v2.anytext2.checkpoint import build_random_teacher
-from student_model_v2.build_lmdb_cache import build_cache
-from student_model_v2.data.anytext_record import RenderOptions
-from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH
 from student_model_v2.distillation.lora import load_lora
 from tests.conftest import REPO_ROOT, TINY_YAML
 from tests.test_data_dataset import DEMO_JSON
@@ -42,19 +40,10 @@ STEPS = 2
 DEMO_IMAGES = 48
 
 
-def _flat(template: dict) -> dict:
-    merged = dict(template.get("model") or {})
-    merged.update(template.get("data") or {})
-    merged.update(template.get("train") or {})
-    return merged
-
-
-@pytest.fixture(scope="module")
-def demo_lmdb(tmp_path_factory):
-    root = tmp_path_factory.mktemp("templates_lmdb")
-    build_cache([str(DEMO_JSON)], str(root / "cache"), opts=RenderOptions(resolution=64),
-                font_path=str(DEFAULT_FONT_PATH), num_workers=0, cache_dir=str(root / "index"), progress=False)
-    return root
+def _settings(template: Path) -> dict:
+    """The template's merged keys, read by the launcher's own parser (sections, duplicate-key check)."""
+    merged = launcher.merge_sections(launcher.load_template(template), template.name)
+    return {key: entry.value for key, entry in merged.items()}
 
 
 def test_every_template_is_covered():
@@ -65,7 +54,7 @@ def test_every_template_is_covered():
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=[p.stem for p in TEMPLATES])
 def test_template_runs_scaled_down_in_size_and_steps(template, tmp_path, demo_lmdb):
-    settings = _flat(yaml.safe_load(template.read_text()))
+    settings = _settings(template)
     accumulation = int(settings.get("gradient_accumulation_steps", 1))
     overrides = ["--config", str(TINY_YAML), "--teacher_ckpt", "", "--output_dir", str(tmp_path / "out"),
                  "--dataset_json", str(DEMO_JSON), "--cache_dir", str(demo_lmdb / "index"), "--resolution", "64",
