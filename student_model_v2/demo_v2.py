@@ -643,11 +643,19 @@ def build_demo(pipeline: AnyText2Pipeline, config: DemoConfig | None = None) -> 
         example_gen_en, example_gen_zh, example_edit = _examples(font_names)
         gen_inputs = [img_prompt, text_prompt, positions_json, width, height, sort_priority, fonts[0], fonts[1],
                       colors[0], colors[1], seed]
+        size_at = gen_inputs.index(width), gen_inputs.index(height)
+
+        def example_canvas_update(*values: Any) -> dict:
+            """The draw canvas at the size a clicked example set: one update for both sides."""
+            return position_canvas_update(*(values[index] for index in size_at))
+
         with gr.Tabs(elem_id="examples"):
             with gr.Tab("English examples (generation)"):
-                gr.Examples(example_gen_en, gen_inputs, cache_examples=False, examples_per_page=5)
+                gr.Examples(example_gen_en, gen_inputs, draw_img, example_canvas_update, cache_examples=False,
+                            run_on_click=True, examples_per_page=5)
             with gr.Tab("Chinese examples (generation)"):
-                gr.Examples(example_gen_zh, gen_inputs, cache_examples=False, examples_per_page=5)
+                gr.Examples(example_gen_zh, gen_inputs, draw_img, example_canvas_update, cache_examples=False,
+                            run_on_click=True, examples_per_page=5)
             if example_edit:
                 with gr.Tab("Editing examples"):
                     gr.Examples(example_edit, [img_prompt, text_prompt, edit_img, positions_json, img_count, seed],
@@ -657,8 +665,10 @@ def build_demo(pipeline: AnyText2Pipeline, config: DemoConfig | None = None) -> 
                           queue=False)
         sampler.change(_switch_sampler, sampler, [lcm_steps, ddim_steps, cfg_scale, eta, mode_note],
                        api_visibility="private", queue=False)
-        for slider in (width, height):  # change, not release: an example's size must reach the canvas too
-            slider.change(position_canvas_update, [width, height], draw_img, api_visibility="private", queue=False)
+        # release, not change: an example sets width and height together, and the editor, given a second
+        # size while still applying the first, could keep the stale one; the examples send one update each
+        gr.on([width.release, height.release], position_canvas_update, [width, height], draw_img,
+              trigger_mode="always_last", api_visibility="private", queue=False)
         edit_img.upload(edit_brush_update, edit_img, edit_img, api_visibility="private", queue=False)
         line_inputs = [c for triple in zip(fonts, colors, mimics) for c in triple]
         inputs = [img_prompt, text_prompt, positions_json, draw_img, edit_img, sort_priority, revise_pos,

@@ -432,6 +432,7 @@ def _stroke(driver, canvas, x: int, y: int, steps: int, step: int) -> None:
 @pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
                     reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
 def test_browser_generates_and_shows_errors(served, tmp_path):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
@@ -486,8 +487,20 @@ def test_browser_generates_and_shows_errors(served, tmp_path):
         row.click()
         # the editor resizes in steps (one side, then the other): wait for the final fit, then check it
         expected = zoom * SIZE / 512
-        wait.until(lambda _: _zoom(driver) == pytest.approx(expected, rel=0.03),
-                   message=f"after the 512x512 example the canvas zoom never reached {expected:.4f}")
+        try:
+            wait.until(lambda _: _zoom(driver) == pytest.approx(expected, rel=0.03))
+        except TimeoutException:
+            pytest.fail(f"after the 512x512 example the canvas zoom stayed {_zoom(driver)}, not {expected:.4f}")
+        # typing a height into its slider's box resizes the canvas on release (512x1024: half the zoom again)
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.find_element(By.XPATH, "//button[contains(., 'Parameters')]").click()
+        height_box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#height input[type=number]")))
+        height_box.send_keys(Keys.CONTROL, "a", Keys.DELETE)
+        height_box.send_keys("1024", Keys.TAB)
+        try:
+            wait.until(lambda _: _zoom(driver) == pytest.approx(expected / 2, rel=0.03))
+        except TimeoutException:
+            pytest.fail(f"after typing height 1024 the canvas zoom stayed {_zoom(driver)}, not {expected / 2:.4f}")
         # the editing tab: uploading a photo rescales its brush (the upload handler must run without an error)
         driver.execute_script("window.scrollTo(0, 0)")
         driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Text Editing')]").click()
