@@ -6,8 +6,6 @@ import codecs
 import io
 import json
 import logging
-import struct
-import zlib
 from collections import Counter
 
 import numpy as np
@@ -18,6 +16,8 @@ from torch.utils.data import DataLoader
 from student_model_v2.data.dataset import AnyTextDataset, collate_fn
 from student_model_v2.data.json_index import DatasetFileError
 from tests.test_data_dataset import box, write_dataset
+
+from .conftest import png_claiming
 
 R = 128
 
@@ -152,16 +152,6 @@ def test_start_up_errors_name_the_file(tmp_path):
         AnyTextDataset(no_list, font_path=tmp_path / "no_such_font.ttf", cache_dir=tmp_path / "index")
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims ``width`` x ``height`` (a few bytes of pixel data): a decompression bomb."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
-
-
 def _hostile_corpus(tmp_path):
     """A BOM-prefixed JSON whose first item is a 20000x20000-header image and two items carry a non-numeric
     ``wm_score``; the rest are ordinary."""
@@ -173,7 +163,7 @@ def _hostile_corpus(tmp_path):
         dict(_good("fine.png"), wm_score=0.7),
         _good("plain.png"),
     ]
-    images = {"bomb.png": _png_claiming(20000, 20000), "strscore.png": rgb, "nullscore.png": rgb,
+    images = {"bomb.png": png_claiming(20000, 20000), "strscore.png": rgb, "nullscore.png": rgb,
               "fine.png": rgb, "plain.png": rgb}
     path = write_dataset(tmp_path, items, images)
     path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())

@@ -19,7 +19,7 @@ from student_model_v2.evaluation.ocr_metrics import (
     summarize,
 )
 
-from .conftest import REPO_ROOT, TINY_YAML
+from .conftest import REPO_ROOT, TINY_YAML, png_claiming
 
 DEMO_JSON = REPO_ROOT / "demodataset" / "annotations" / "demo_data.json"
 
@@ -176,6 +176,8 @@ def test_prompts_scale_polygons_and_count_skips(tmp_path, font):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     Image.new("RGB", (1024, 512), "white").save(imgs / "wide.jpg")
+    (imgs / "bomb.png").write_bytes(png_claiming(20000, 20000))
+    (imgs / "broken.png").write_text("not an image")
     box = [[100, 100], [500, 100], [500, 200], [100, 200]]
     records = [
         {"img_name": "wide.jpg", "caption": "a sign that says * here",
@@ -186,6 +188,8 @@ def test_prompts_scale_polygons_and_count_skips(tmp_path, font):
         {"img_name": "absent.jpg", "caption": "no image on disk",
          "annotations": [{"polygon": box, "text": "你好世界"}]},
         {"img_name": "empty.jpg", "annotations": []},
+        {"img_name": "bomb.png", "annotations": [{"polygon": box, "text": "Hi"}]},
+        {"img_name": "broken.png", "annotations": [{"polygon": box, "text": "Hi"}]},
     ]
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"data_root": "imgs", "data_list": records}), encoding="utf-8")
@@ -200,6 +204,7 @@ def test_prompts_scale_polygons_and_count_skips(tmp_path, font):
     assert absent.lines[0].language == "Chinese_sim"
     assert issues["line.double_quote"] == 1 and issues["line.degenerate_polygon"] == 1
     assert issues["fix.assumed_512_frame"] == 1 and issues["record.no_usable_line"] == 1
+    assert issues["record.image_too_large"] == 1 and issues["record.bad_image"] == 1
     with_images = load_prompts(path, resolution=256, max_lines=20, max_chars=20, font=font, need_images=True,
                                issues=Counter())
     assert [p.img_name for p in with_images] == ["wide.jpg"]

@@ -28,7 +28,7 @@ from student_model_v2.inference.pipeline import (
     mimic_style_crop,
 )
 
-from .conftest import TINY_YAML
+from .conftest import TINY_YAML, png_claiming
 
 FONT = GlyphFont("font/NotoSansCJKsc-Regular-subset.otf")
 PLACEHOLDER_ID = 265
@@ -265,6 +265,10 @@ def test_unreadable_image_is_a_user_error(tmp_path):
         load_image_file(bad, "edit image")
     with pytest.raises(InferenceInputError, match="not found"):
         load_image_file(tmp_path / "missing.png")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_claiming(20000, 20000))
+    with pytest.raises(InferenceInputError, match="edit image .*bomb.png is too large to decode safely"):
+        load_image_file(bomb, "edit image")
 
 
 def test_pipeline_generates_reproducible_images(tiny_teacher):

@@ -55,13 +55,17 @@ class EvalPrompt:
         return hashlib.sha1(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def _stored_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from the image header, None when the file is not a readable image."""
+def _stored_size(path: Path, issues: Counter) -> tuple[int, int] | None:
+    """(width, height) from the image header; None, counted, when the file is not a readable image or its
+    header claims more pixels than Pillow's decompression-bomb limit (one such file must not end a run)."""
     try:
         with Image.open(path) as img:
             return img.size
+    except Image.DecompressionBombError:
+        issues["record.image_too_large"] += 1
     except (UnidentifiedImageError, OSError):
-        return None
+        issues["record.bad_image"] += 1
+    return None
 
 
 def _usable_lines(parsed_lines: Sequence, font: GlyphFont, resolution: int, issues: Counter) -> list[EvalLine]:
@@ -109,9 +113,8 @@ def load_prompts(benchmark_json: str | Path, *, resolution: int, max_lines: int,
         if path is None and need_images:
             issues["record.missing_image"] += 1
             continue
-        size = ASSUMED_FRAME if path is None else _stored_size(path)
+        size = ASSUMED_FRAME if path is None else _stored_size(path, issues)
         if size is None:
-            issues["record.bad_image"] += 1
             continue
         parsed = parse_annotations(record.get("annotations"), image_size=size, resolution=resolution,
                                    max_chars=max_chars, font=font, where=f"{index.path.name}:{name}")

@@ -257,6 +257,8 @@ def load_image_file(path: str | Path, what: str = "image") -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             array = np.asarray(img.convert("RGB"))
+    except Image.DecompressionBombError as exc:
+        raise InferenceInputError(f"{what} {path} is too large to decode safely: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InferenceInputError(f"cannot read {what} {path}: {exc}") from exc
     if array.size == 0:
