@@ -34,7 +34,7 @@ system-deps:
 	else echo "install chromium chromium-driver fonts-dejavu-core libfribidi0 (apt) for the tests" >&2; exit 1; fi
 
 test: setup system-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 golden: setup
 	$(PY) -m student_model_v2.anytext2.golden tests/data/golden/*/
