@@ -166,3 +166,24 @@ def test_student_images_with_all_fast_paths_match_eager(tiny_teacher, encoded):
 def test_bad_compile_mode_is_refused(tiny_teacher):
     with pytest.raises(ValueError, match="compile mode must be one of default, reduce-overhead, max-autotune"):
         accelerate_model(tiny_teacher, compile=True, compile_mode="fast", channels_last=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a GPU (see docs/benchmarks.md)")
+def test_no_cuda_synchronisation_inside_the_sampling_loops(monkeypatch):
+    """On a GPU: CUDA's own sync detector raises on any synchronising call while the loops run."""
+    model = build_random_teacher(TINY_YAML).to("cuda")
+    for name in ("denoise_student", "denoise_teacher"):
+        loop = getattr(fast_sampling, name)
+
+        def strict(*args, _loop=loop, **kwargs):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return _loop(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        monkeypatch.setattr(fast_sampling, name, strict)
+    pipe = AnyText2Pipeline(model)
+    pipe(_request(), SamplingOptions(num_images=2, seed=0, steps=4))
+    pipe(_request(), SamplingOptions(sampler="teacher", num_images=2, seed=0, steps=2, eta=0.5))
