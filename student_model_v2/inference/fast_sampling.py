@@ -154,7 +154,7 @@ def draw_noise(plan: Sequence[StepCoefficients], shape: Sequence[int], generator
         return [None] * len(plan)
     host_device = generator.device if generator is not None else torch.device("cpu")
     drawn = [torch.randn(tuple(shape), generator=generator, device=host_device, dtype=torch.float32) for _ in range(count)]
-    stacked = to_device(torch.stack(drawn), device) if host_device.type == "cpu" else torch.stack(drawn).to(device)
+    stacked = to_device(torch.stack(drawn), device)
     noises, used = [], 0
     for step in plan:
         noises.append(stacked[used] if step.draws_noise else None)
