@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--resolution", type=int, default=64)
     infer.add_argument("--num_images", type=int, default=4)
     infer.add_argument("--seed", type=int, default=0)
-    infer.add_argument("--repeats", type=int, default=3, help="timed requests per model (median reported)")
+    infer.add_argument("--repeats", type=int, default=5, help="timed rounds: each request and pass once per round (medians)")
     infer.add_argument("--warmup", type=int, default=1, help="untimed rounds (--compile needs one: it compiles)")
     infer.add_argument("--compile", action="store_true", help="torch.compile UNet, WriteNet and VAE decoder (both models)")
     infer.add_argument("--compile_mode", choices=COMPILE_MODES, default="default")
