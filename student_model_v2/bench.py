@@ -4,7 +4,7 @@ writes it to a file).
     python -m student_model_v2.bench data [--dataset_json ...] [--min_lines 5] [--repeats 3]
     python -m student_model_v2.bench train --version v2_4 [--config ...] [--batch_size 2] [--steps 5] [--num_workers 2]
     python -m student_model_v2.bench teacher [--config models_yaml/anytext2_sd15.yaml] [--dtype bf16]
-    python -m student_model_v2.bench infer [--config ...] [--resolution 64] [--num_images 4] [--repeats 3]
+    python -m student_model_v2.bench infer [--config ...] [--resolution 64] [--num_images 4] [--repeats 5] [--compile] [--channels_last]
 
 ``data``: CPU milliseconds per sample of the data pipeline in a single worker (torch/OpenCV pinned to
 one thread): the online path (font-hint randaug on, as in training), the online path with randaug
