@@ -2,16 +2,16 @@
 
 A sampler's time should be the sum of its passes (UNet calls, one WriteNet call); comparing the measured
 sampling time with that sum shows what a loop adds beyond its passes (host syncs, scheduler work, tensors
-built per step). :func:`median_seconds` times a call in isolation (device-synchronised, warm-up first),
-:func:`count_flops` counts its FLOPs once with ``torch.utils.flop_counter.FlopCounterMode`` (outside any
-timed loop: the counter slows the call down), and :func:`achieved_tflops` relates the two.
+built per step). :func:`interleaved_median_seconds` times calls round-robin (device-synchronised, warm-up
+first), :func:`count_flops` counts a call's FLOPs once with ``torch.utils.flop_counter.FlopCounterMode``
+(outside any timed loop: the counter slows the call down), and :func:`achieved_tflops` relates the two.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,28 +23,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(call: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 3) -> float:
-    """Median wall seconds of ``call()`` over ``repeats`` runs after ``warmup`` untimed ones, synchronised
-    before and after each run so queued work is neither missed nor charged to the next call."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    with torch.no_grad():
-        for _ in range(warmup):
-            call()
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            call()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved_median_seconds(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int = 1,
                                repeats: int = 3) -> dict[str, float]:
-    """:func:`median_seconds` of several calls, taken round-robin (one run of each per round) so that a load
-    change on a shared machine hits every call alike instead of skewing their ratios."""
+    """Median wall seconds of each call over ``repeats`` rounds after ``warmup`` untimed ones. The calls take
+    turns (one run of each per round), so a load change on a shared machine hits every call alike instead of
+    skewing their ratios; each run is synchronised before and after, so queued device work is neither missed
+    nor charged to the next call."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -75,7 +59,3 @@ def achieved_tflops(flops: int, seconds: float) -> float:
     """TFLOP/s of ``flops`` done in ``seconds``."""
     return flops / seconds / 1e12 if seconds > 0 else float("nan")
 
-
-def summed_seconds(parts: Iterable[tuple[float, float]]) -> float:
-    """Sum of ``count * seconds`` terms: a sampler's predicted time from its passes."""
-    return sum(count * seconds for count, seconds in parts)
