@@ -4,7 +4,7 @@ writes it to a file).
     python -m student_model_v2.bench data [--dataset_json ...] [--min_lines 5] [--repeats 3]
     python -m student_model_v2.bench train --version v2_4 [--config ...] [--batch_size 2] [--steps 5] [--num_workers 2]
     python -m student_model_v2.bench teacher [--config models_yaml/anytext2_sd15.yaml] [--dtype bf16]
-    python -m student_model_v2.bench infer [--config ...] [--resolution 64] [--num_images 4] [--repeats 3]
+    python -m student_model_v2.bench infer [--config ...] [--resolution 64] [--num_images 4] [--repeats 5] [--compile] [--channels_last]
 
 ``data``: CPU milliseconds per sample of the data pipeline in a single worker (torch/OpenCV pinned to
 one thread): the online path (font-hint randaug on, as in training), the online path with randaug
@@ -20,16 +20,26 @@ rows, and parameter memory (frozen base vs LoRA). Several ``--version`` values r
 their ratios are comparable. Without ``--teacher_ckpt`` the teacher is the random init rule (fine for
 timing: the cost does not depend on the weights).
 
-``infer``: end-to-end latency of one inference request (glyph rendering, OCR/CLIP/VAE-encode
-conditioning, sampling and VAE decode; same request, image count and seed) for the teacher (20 DDIM
-steps, CFG 7.5) and the student (4 LCM steps, merged LoRA), their ratio, and the UNet/WriteNet passes
-counted by wrapping the model's methods. The target is a speed-up of at least 0.85 of the pass-count
-ratio (teacher 40 UNet + 2 WriteNet passes vs student 4 + 1). Without ``--lora_path`` the student is a
-freshly initialised rank-64 LoRA, merged (the cost does not depend on its values). Timed requests are
-steady-state ones: the pipeline's once-per-pipeline work (VAE moments of generation mode's blank masked
-image, the teacher's negative-prompt CLIP contexts) is primed first. Besides the ratio the JSON gives the
-sampling-only ratio and ``speedup_if_conditioning_free`` = (sample + decode) ratio, the ceiling that no
-conditioning speed-up can pass, since decoding is the same work for both models.
+``infer``: one inference request (glyph rendering, OCR/CLIP/VAE-encode conditioning, sampling, VAE
+decode; same request, image count and seed) for the teacher (20 DDIM steps, CFG 7.5, cond+uncond rows
+in one UNet call) and the student (4 LCM steps, merged LoRA), with the cost model that says what their
+sampling times should be. In the same run it times each pass alone (``pass_seconds``): the UNet at the
+student's batch (B rows) and at the teacher's (2B), each as the mean of as many back-to-back calls as its
+loop makes (4 and 20), the WriteNet at the rows each runs it with, the VAE
+decode, and the conditioning by part; model FLOPs per pass are counted once (FlopCounterMode, eager) and
+give achieved TFLOP/s. From the passes the pipelines actually make (counted by wrapping the model's
+methods) it predicts the sampling times (teacher 20 x UNet(2B) + its WriteNet call, student 4 x UNet(B)
++ 1 WriteNet) and their ratio; ``sampling_only_over_pass_ratio`` = measured sampling ratio / predicted
+ratio is 1 when the loops cost exactly their passes, and ``sampling_overhead_s`` is what each loop adds.
+``pass_count_ratio`` counts rows (40 + 2 vs 4 + 1 per image = 8.4), as if a row cost the same at any
+batch size; ``sampling_only_over_pass_count_ratio`` keeps that older comparison. Requests and
+single passes are timed round-robin (one of each per round, medians), so load on a shared machine hits
+them alike. The teacher and the student are two pipelines of the same architecture; without
+``--lora_path`` the student is a freshly initialised rank-64 LoRA, merged (the cost does not depend on
+its values). A counted request per pipeline first primes its once-per-pipeline caches (blank-image VAE
+moments, negative-prompt CLIP contexts). ``--compile``/``--channels_last`` apply the fast paths to both;
+the warm-up round compiles.
+``student_conditioning_share`` is the student's (prepare + encode) share of its request.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from typing import Callable, Iterator
 if __package__ in (None, ""):  # run as a file: see _script_mode.py
     import _script_mode  # noqa: F401
 
+from student_model_v2.anytext2.acceleration import COMPILE_MODES
 from student_model_v2.anytext2.config import MODELS_YAML_DIR
 from student_model_v2.distillation.lora import DEFAULT_LORA_TARGETS, LORA_TARGET_SETS
 from student_model_v2.evaluation.report import write_json
@@ -264,80 +275,163 @@ class _PassCounter:
         self.writenet_rows.clear()
 
 
-def _time_requests(pipe, request, options, warmup: int, repeats: int, counter: _PassCounter) -> dict:
-    for _ in range(warmup):
-        pipe(request, options)
-    runs = []
-    for _ in range(repeats):
-        counter.reset()
-        runs.append(pipe(request, options).timings)
-    median = {key: round(statistics.median_high(r[key] for r in runs), 4) for key in runs[0]}
+def _counted_passes(pipe, request, options) -> dict:
+    """UNet and WriteNet calls (and rows) of one request, counted by wrapping the model's methods."""
+    counter = _PassCounter(pipe.model)
+    pipe(request, options)
+    del pipe.model.predict_eps, pipe.model.control_residuals   # back to the class methods
+    return {"unet_calls": len(counter.unet_rows), "unet_rows": sorted(set(counter.unet_rows)),
+            "unet_passes": sum(counter.unet_rows) / options.num_images,
+            "writenet_calls": len(counter.writenet_rows), "writenet_rows": sorted(set(counter.writenet_rows)),
+            "writenet_passes": sum(counter.writenet_rows)}
+
+
+def _pass_calls(pipe, request, num_images: int, seed: int) -> dict[str, tuple[int, Callable[[], object]]]:
+    """The request's passes one by one, at the rows the pipeline runs them with: (rows, call) by name.
+
+    Conditioning: glyph rendering, OCR/style line embeddings, CLIP, the masked image's latent as a request
+    pays it (generation mode: cached VAE moments) and uncached (edit mode). Sampling: the UNet at the
+    student's batch and at the teacher's cond+uncond batch, the WriteNet at each, then the VAE decode.
+    """
+    import torch
+
+    from student_model_v2.anytext2.model import concat_conditions
+    from student_model_v2.distillation.samplers import repeat_conditions
+
+    model, device = pipe.model, pipe.device
+    conditioning = pipe.prepare(request)
+    masked_x = pipe._masked_latent(conditioning, torch.Generator().manual_seed(seed))
+    text_info = conditioning.text_info(masked_x, device)
+    captions = [conditioning.image_caption], [conditioning.text_caption]
+    with torch.no_grad():
+        lines = model.line_embeddings(text_info)
+        cond, uncond = model.encode_conditions(text_info, *captions, conditioning.negative_caption)
+    both = concat_conditions([cond, uncond])
+    latents = torch.randn(num_images, model.config.latent_channels, *masked_x.shape[-2:],
+                          generator=torch.Generator().manual_seed(seed)).to(device)
+    student_rows = (repeat_conditions(cond, num_images),
+                    [r.repeat_interleave(num_images, dim=0) for r in model.control_residuals(cond)])
+    teacher_rows = (repeat_conditions(both, num_images),
+                    [r.repeat_interleave(num_images, dim=0) for r in model.control_residuals(both)])
+    t_student = torch.full((num_images,), 499, device=device)
+    t_teacher = torch.full((2 * num_images,), 499, device=device)
+    doubled = torch.cat([latents, latents])
     return {
-        "steps": options.resolved_steps(),
-        "latency_s": median["total"],
-        "median_seconds": median,
-        "unet_calls": len(counter.unet_rows),
-        "unet_passes": sum(counter.unet_rows) / options.num_images,
-        "writenet_calls": len(counter.writenet_rows),
-        "writenet_passes": sum(counter.writenet_rows),
+        "glyph_rendering": (1, lambda: pipe.prepare(request)),
+        "ocr_style_embedding": (1, lambda: model.line_embeddings(text_info)),
+        "clip": (1, lambda: model.cond_stage_model.encode(*captions, lines.per_sample)),
+        "vae_encode_masked_image": (1, lambda: pipe._masked_latent(conditioning, torch.Generator().manual_seed(seed))),
+        "vae_encode_uncached": (1, lambda: model.vae_encode(conditioning.masked_image, generator=torch.Generator())),
+        "unet_student": (num_images, lambda: model.predict_eps(latents, t_student, *student_rows)),
+        "unet_teacher": (2 * num_images, lambda: model.predict_eps(doubled, t_teacher, *teacher_rows)),
+        "writenet_student": (cond.batch_size, lambda: model.control_residuals(cond)),
+        "writenet_teacher": (both.batch_size, lambda: model.control_residuals(both)),
+        "vae_decode": (num_images, lambda: model.vae_decode(latents)),
     }
+
+
+CONDITIONING_PARTS = ("glyph_rendering", "ocr_style_embedding", "clip", "vae_encode_masked_image")
 
 
 def bench_infer(args: argparse.Namespace) -> dict:
     from student_model_v2.anytext2.checkpoint import DTYPES
     from student_model_v2.distillation.lora import add_lora
+    from student_model_v2.evaluation.pass_costs import achieved_tflops, count_flops, interleaved_median_seconds
     from student_model_v2.inference.pipeline import AnyText2Pipeline, SamplingOptions, TextRequest
 
-    pipe = AnyText2Pipeline.from_pretrained(args.config, args.teacher_ckpt or None, device=args.device or None,
-                                            dtype=DTYPES[args.dtype])
-    counter = _PassCounter(pipe.model)
+    def load() -> AnyText2Pipeline:
+        return AnyText2Pipeline.from_pretrained(args.config, args.teacher_ckpt or None, device=args.device or None,
+                                                dtype=DTYPES[args.dtype])
+
+    if args.compile and args.warmup < 1:
+        raise SystemExit("error: --compile needs --warmup 1 or more (the first round compiles the graphs)")
+    teacher_pipe, student_pipe = load(), load()
+    unet_calls = {"unet_teacher": 20, "unet_student": 4}   # timed as the loops make them: back to back
+    with tempfile.TemporaryDirectory(prefix="anytext_bench_lora_") as tmp:
+        lora_path = args.lora_path
+        if not lora_path:
+            peft_model = add_lora(student_pipe.model, args.lora_rank, args.lora_rank)
+            peft_model.save_pretrained(tmp)
+            student_pipe.model = peft_model.unload()
+            lora_path = tmp
+        student_pipe.load_lora(lora_path, merge=True)
+    device = student_pipe.device
     r = args.resolution
     request = TextRequest(prompt='a shop sign that reads "Hello", "World"', width=r, height=r,
                           positions=[[r // 16, r // 8, r - r // 16, r // 2 - r // 16],
                                      [r // 8, r // 2 + r // 16, r - r // 8, r - r // 8]])
     common = dict(num_images=args.num_images, seed=args.seed)
-    # A pipeline encodes the blank masked image and the negative prompt once; prime both so that every
-    # timed request, teacher or student, is a steady-state request even with --warmup 0.
-    pipe(request, SamplingOptions(sampler="teacher", steps=1, guidance_scale=7.5, num_images=1, seed=args.seed))
-    teacher = _time_requests(pipe, request, SamplingOptions(sampler="teacher", steps=20, guidance_scale=7.5, **common),
-                             args.warmup, args.repeats, counter)
-    with tempfile.TemporaryDirectory(prefix="anytext_bench_lora_") as tmp:
-        lora_path = args.lora_path
-        if not lora_path:
-            peft_model = add_lora(pipe.model, args.lora_rank, args.lora_rank)
-            peft_model.save_pretrained(tmp)
-            pipe.model = peft_model.unload()
-            lora_path = tmp
-        pipe.load_lora(lora_path, merge=True)
-    student = _time_requests(pipe, request, SamplingOptions(sampler="student", steps=4, **common),
-                             args.warmup, args.repeats, counter)
-    passes = {name: r["unet_passes"] + r["writenet_passes"] for name, r in (("teacher", teacher), ("student", student))}
-    pass_ratio = passes["teacher"] / passes["student"]
-    speedup = teacher["latency_s"] / student["latency_s"]
-    sampling_speedup = teacher["median_seconds"]["sample"] / student["median_seconds"]["sample"]
-    # What the ratio could reach if conditioning (rendering, OCR, CLIP, VAE encode) cost nothing: sampling
-    # and decoding are then all that is left, and the shared decode still dilutes the ratio.
-    seconds = {name: r["median_seconds"] for name, r in (("teacher", teacher), ("student", student))}
-    ceiling = ((seconds["teacher"]["sample"] + seconds["teacher"]["decode"])
-               / (seconds["student"]["sample"] + seconds["student"]["decode"]))
+    teacher_options = SamplingOptions(sampler="teacher", steps=20, guidance_scale=7.5, **common)
+    student_options = SamplingOptions(sampler="student", steps=4, **common)
+    passes = {"teacher": _counted_passes(teacher_pipe, request, teacher_options),
+              "student": _counted_passes(student_pipe, request, student_options)}
+    # Model FLOPs per pass, counted once on the eager modules (the counter would distort any timing).
+    calls = _pass_calls(student_pipe, request, args.num_images, args.seed)
+    flops = {name: count_flops(call) for name, (_, call) in calls.items() if name != "glyph_rendering"}
+    if args.compile or args.channels_last:
+        for pipe in (teacher_pipe, student_pipe):
+            pipe.accelerate(compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last)
+
+    runs: dict[str, list[dict]] = {"teacher": [], "student": []}
+    def back_to_back(call: Callable[[], object], times: int) -> Callable[[], object]:
+        return lambda: [call() for _ in range(times)]
+
+    timed = {name: back_to_back(call, unet_calls.get(name, 1)) for name, (_, call) in calls.items()}
+    timed["teacher_request"] = lambda: runs["teacher"].append(teacher_pipe(request, teacher_options).timings)
+    timed["student_request"] = lambda: runs["student"].append(student_pipe(request, student_options).timings)
+    # Requests and single passes take turns, so load on a shared machine moves all of them alike. The counted
+    # requests above primed the pipelines' once-per-pipeline caches; warm-up rounds compile the graphs.
+    seconds = interleaved_median_seconds(timed, device, warmup=args.warmup, repeats=args.repeats)
+    seconds.update({name: seconds[name] / times for name, times in unet_calls.items()})
+
+    def stages(name: str) -> dict:
+        timed_runs = runs[name][-args.repeats:]
+        return {key: round(statistics.median(run[key] for run in timed_runs), 4) for key in timed_runs[0]}
+
+    models = {name: {"steps": options.resolved_steps(), **passes[name], "median_seconds": stages(name)}
+              for name, options in (("teacher", teacher_options), ("student", student_options))}
+    for name in models:
+        models[name]["latency_s"] = models[name]["median_seconds"]["total"]
+    pass_seconds = {name: {"rows": rows, "seconds": round(seconds[name], 5), "gflops": round(flops[name] / 1e9, 3),
+                           "achieved_tflops_per_s": round(achieved_tflops(flops[name], seconds[name]), 4)}
+                    for name, (rows, _) in calls.items() if name != "glyph_rendering"}
+    pass_seconds["glyph_rendering"] = {"rows": 1, "seconds": round(seconds["glyph_rendering"], 5)}
+    predicted = {
+        "teacher": (passes["teacher"]["unet_calls"] * seconds["unet_teacher"]
+                    + passes["teacher"]["writenet_calls"] * seconds["writenet_teacher"]),
+        "student": (passes["student"]["unet_calls"] * seconds["unet_student"]
+                    + passes["student"]["writenet_calls"] * seconds["writenet_student"]),
+    }
+    sample = {name: models[name]["median_seconds"]["sample"] for name in models}
+    total = {name: models[name]["median_seconds"]["total"] for name in models}
+    decode = {name: models[name]["median_seconds"]["decode"] for name in models}
+    predicted_ratio = predicted["teacher"] / predicted["student"]
+    sampling_speedup = sample["teacher"] / sample["student"]
+    pass_count = {name: p["unet_passes"] + p["writenet_passes"] for name, p in passes.items()}
+    pass_count_ratio = pass_count["teacher"] / pass_count["student"]
+    student_conditioning = models["student"]["median_seconds"]["prepare"] + models["student"]["median_seconds"]["encode"]
     return {
-        "command": "infer", "config": args.config, "device": str(pipe.device), "dtype": args.dtype,
-        "random_init_teacher": pipe.model.is_random_init,
+        "command": "infer", "config": args.config, "device": str(device), "dtype": args.dtype,
+        "random_init_teacher": student_pipe.model.is_random_init,
         "student_lora": args.lora_path or f"fresh rank {args.lora_rank}",
+        "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None,
+        "channels_last": args.channels_last,
         "resolution": r, "num_images": args.num_images, "text_lines": 2, "seed": args.seed,
         "warmup": args.warmup, "repeats": args.repeats,
-        "teacher": teacher, "student": student,
-        "speedup_end_to_end": round(speedup, 3),
+        "teacher": models["teacher"], "student": models["student"],
+        "pass_seconds": pass_seconds,
+        "predicted_sampling_seconds": {name: round(value, 4) for name, value in predicted.items()},
+        "predicted_sampling_ratio": round(predicted_ratio, 3),
         "speedup_sampling_only": round(sampling_speedup, 3),
-        "speedup_if_conditioning_free": round(ceiling, 3),
-        "pass_count_ratio": round(pass_ratio, 3),
-        "speedup_over_pass_ratio": round(speedup / pass_ratio, 3),
-        "sampling_only_over_pass_ratio": round(sampling_speedup / pass_ratio, 3),
-        "conditioning_free_over_pass_ratio": round(ceiling / pass_ratio, 3),
-        "student_fixed_cost_share": round(1 - seconds["student"]["sample"] / seconds["student"]["total"], 3),
-        "target_speedup_over_pass_ratio": 0.85,
-        "meets_target": speedup / pass_ratio >= 0.85,
-        "target_reachable_with_free_conditioning": ceiling / pass_ratio >= 0.85,
+        "sampling_only_over_pass_ratio": round(sampling_speedup / predicted_ratio, 3),
+        "sampling_overhead_s": {name: round(sample[name] - predicted[name], 4) for name in models},
+        "speedup_end_to_end": round(total["teacher"] / total["student"], 3),
+        "speedup_if_conditioning_free": round((sample["teacher"] + decode["teacher"])
+                                              / (sample["student"] + decode["student"]), 3),
+        "pass_count_ratio": round(pass_count_ratio, 3),
+        "sampling_only_over_pass_count_ratio": round(sampling_speedup / pass_count_ratio, 3),
+        "student_conditioning_share": round(student_conditioning / total["student"], 3),
+        "student_conditioning_parts_s": {name: round(seconds[name], 5) for name in CONDITIONING_PARTS},
     }
 
 
@@ -377,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--repeats", type=int, default=5)
     teacher.add_argument("--warmup", type=int, default=2)
     teacher.set_defaults(func=bench_teacher)
-    infer = sub.add_parser("infer", help="end-to-end inference latency: teacher 20-step CFG vs student 4-step LCM")
+    infer = sub.add_parser("infer", help="inference latency and its cost model: teacher 20-step CFG vs student 4-step LCM")
     infer.add_argument("--config", default=str(DEFAULT_TINY_YAML))
     infer.add_argument("--teacher_ckpt", default="")
     infer.add_argument("--lora_path", default="", help="student adapter; default a fresh rank --lora_rank LoRA")
@@ -387,8 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--resolution", type=int, default=64)
     infer.add_argument("--num_images", type=int, default=4)
     infer.add_argument("--seed", type=int, default=0)
-    infer.add_argument("--repeats", type=int, default=3, help="timed requests per model (median reported)")
-    infer.add_argument("--warmup", type=int, default=1)
+    infer.add_argument("--repeats", type=int, default=5, help="timed rounds: each request and pass once per round (medians)")
+    infer.add_argument("--warmup", type=int, default=1, help="untimed rounds (--compile needs one: it compiles)")
+    infer.add_argument("--compile", action="store_true", help="torch.compile UNet, WriteNet and VAE decoder (both models)")
+    infer.add_argument("--compile_mode", choices=COMPILE_MODES, default="default")
+    infer.add_argument("--channels_last", action="store_true", help="channels-last UNet, WriteNet and VAE decoder")
     infer.set_defaults(func=bench_infer)
     for command in sub.choices.values():
         command.add_argument("--json", metavar="PATH", default=None,

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from student_model_v2.anytext2.acceleration import COMPILE_MODES
 from student_model_v2.anytext2.checkpoint import DTYPES
 from student_model_v2.data.glyph_render import DEFAULT_FONT_PATH, FontError, GlyphFont
 from student_model_v2.distillation.adapter_info import AdapterInfo
@@ -99,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--community_lora", nargs=2, action="append", default=[], metavar=("PATH", "RATIO"),
                        help="merge an SD1.5 LoRA (kohya or diffusers file) with this ratio; repeatable")
 
+    speed = parser.add_argument_group("speed (anytext2/acceleration.py; off by default: within float round-off of "
+                                      "eager, not bit-exact)")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the UNet, WriteNet and VAE decoder (the first request at a size compiles)")
+    speed.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
+                       help="with --compile: reduce-overhead = CUDA graphs for the UNet's fixed-shape sampling calls")
+    speed.add_argument("--channels_last", action="store_true",
+                       help="channels-last weights for the UNet, WriteNet and VAE decoder (faster convolutions on GPUs)")
+
     data = parser.add_argument_group("dataset sample")
     data.add_argument("--dataset_json", default=str(DEFAULT_DATASET_JSON))
     data.add_argument("--use_mock_dataset", action="store_true")
@@ -157,6 +167,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     ``--output_path`` is resolved in place (a folder gets ``sample.png``) so the run cannot fail at its end.
     """
+    if args.compile_mode != "default" and not args.compile:
+        raise InferenceInputError(f"--compile_mode {args.compile_mode} needs --compile")
     if args.edit_image and not args.edit_mask and not args.positions:
         raise InferenceInputError("--edit_image needs --edit_mask (white = areas to repaint) or --positions")
     if args.edit_mask and args.positions:
@@ -389,6 +401,8 @@ def save_outputs(args: argparse.Namespace, conditioning: Conditioning, results: 
         "community_loras": [list(lora) for lora in pipe.recipe.community_loras],
         "model_swaps": pipe.swap_notes,
         "device": str(pipe.device), "dtype": args.dtype,
+        "compiled": pipe.acceleration.compiled if pipe.acceleration else None,
+        "channels_last": bool(pipe.acceleration and pipe.acceleration.channels_last),
         "runs": {name: {"sampler": r.sampler, "student_sampler": r.student_sampler, "steps": r.steps, "seed": r.seed,
                         "seconds": {k: round(v, 4) for k, v in r.timings.items()}, "warnings": r.warnings}
                  for name, r in results.items()},
@@ -411,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe = AnyText2Pipeline.from_pretrained(
             args.config, args.teacher_ckpt or None, device=args.device, dtype=DTYPES[args.dtype],
             font_path=args.font_path, trust_checkpoint=args.trust_checkpoint, base_model_path=args.base_model_path,
-            community_loras=args.community_lora)
+            community_loras=args.community_lora, compile=args.compile, compile_mode=args.compile_mode,
+            channels_last=args.channels_last)
         results = run_samplers(args, pipe, conditioning, seed)
         report = save_outputs(args, conditioning, results, pipe)
     except InferenceInputError as exc:

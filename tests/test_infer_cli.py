@@ -112,6 +112,7 @@ def test_compare_teacher_writes_a_grid_with_timings(student_lora_dir, tmp_path, 
     (["--lora_path", ""], "--lora_path (the student adapter folder) is required"),
     (["--lora_path", "{tmp}"], "--lora_path {tmp}: not an adapter folder (no adapter_config.json)"),
     (["--lora_path", "{tmp}/missing"], "--lora_path {tmp}/missing: no such folder"),
+    (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
 ])
 def test_bad_input_is_one_clear_error_line(student_lora_dir, tmp_path, capsys, extra, message):
     (tmp_path / "broken.png").write_text("not an image")
@@ -176,6 +177,7 @@ GEN = ["--prompt", 'a sign that reads "Hi", "Yo"', "--positions", "[[4, 4, 60, 2
     (["--prompt", '"A"', "--edit_image", "{tmp}/file.png", "--edit_mask", "{tmp}/black.png", "--width", "64"],
      "--width: editing keeps the edit image's size"),
     (["--lora_path", "{tmp}/missing"], "--lora_path {tmp}/missing: no such folder"),
+    (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
 ])
 def test_each_bad_flag_exits_2_naming_it_before_the_model_is_built(student_lora_dir, grid8_lora, tmp_path, capsys,
                                                                    no_model, extra, message):
@@ -231,3 +233,14 @@ def test_a_sampler_or_step_count_the_adapter_cannot_serve_is_refused(pcm_lora_di
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_channels_last_flag_gives_the_eager_images_within_one_level(student_lora_dir, tmp_path, capsys):
+    """--channels_last reaches the model (reported in the JSON) and moves pixels by at most float round-off."""
+    common = ["--use_mock_dataset", "--resolution", "64", "--num_inference_steps", "2"]
+    eager = _run(_argv(student_lora_dir, tmp_path / "e.png", *common), capsys)
+    fast = _run(_argv(student_lora_dir, tmp_path / "f.png", *common, "--channels_last"), capsys)
+    assert (eager["channels_last"], fast["channels_last"]) == (False, True)
+    assert fast["compiled"] == {"unet": None, "writenet": None, "vae_decoder": None} and eager["compiled"] is None
+    difference = np.abs(np.asarray(Image.open(tmp_path / "e.png"), int) - np.asarray(Image.open(tmp_path / "f.png")))
+    assert difference.max() <= 1

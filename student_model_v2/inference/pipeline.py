@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 import torch
 
+from ..anytext2.acceleration import Acceleration, accelerate_model, mark_step
 from ..anytext2.config import REPO_ROOT, ConfigError
 from ..anytext2.model import AnyText2Model, TextInfo
 from ..anytext2.ocr_preprocess import crop_image
@@ -61,9 +62,10 @@ from ..distillation.adapter_check import AdapterError, check_adapter
 from ..distillation.adapter_info import AdapterInfo, AdapterInfoError, training_grid
 from ..distillation.conditioning import UncondCaptionCache
 from ..distillation.lora import adapters_disabled, load_lora
-from ..distillation.samplers import StudentSampling, plan_student_sampling, sample_student, sample_teacher_ddim
+from ..distillation.samplers import StudentSampling, plan_student_sampling
 from .cache import BlankLatentCache, is_blank_masked_image
 from .checks import check_steps, check_student_steps
+from .fast_sampling import ddim_steps, run_student, run_teacher, student_steps, to_device
 from .inputs import (
     DEFAULT_A_PROMPT,
     DEFAULT_N_PROMPT,
@@ -216,9 +218,13 @@ class Conditioning:
     def width(self) -> int:
         return int(self.masked_image.shape[-1])
 
-    def text_info(self, masked_x: torch.Tensor) -> TextInfo:
+    def text_info(self, masked_x: torch.Tensor, device: torch.device | None = None) -> TextInfo:
+        """The model's per-line inputs. With ``device`` the glyph renders, which only the device uses (WriteNet),
+        are copied there first (pinned, non-blocking on CUDA); the line crops, font hint and positions stay on
+        the CPU, where the OCR preprocessing reads them."""
+        glyphs = self.glyphs if device is None else [to_device(g, device) for g in self.glyphs]
         mimic = [list(self.mimic_crops)] if self.mimic_crops and any(c is not None for c in self.mimic_crops) else None
-        return TextInfo(glyphs=self.glyphs, gly_line=self.gly_line, positions=self.positions, colors=self.colors,
+        return TextInfo(glyphs=glyphs, gly_line=self.gly_line, positions=self.positions, colors=self.colors,
                         font_hint=self.font_hint, masked_x=masked_x, n_lines=[len(self.texts)], mimic_images=mimic)
 
     def describe(self) -> str:
@@ -601,6 +607,8 @@ class AnyText2Pipeline:
         self.lora_scale = 1.0
         self.lora_merged = False
         self.adapter_info: AdapterInfo | None = None
+        self.acceleration: Acceleration | None = None
+        self._acceleration_request: dict[str, Any] | None = None
 
     @classmethod
     def from_pretrained(
@@ -617,9 +625,13 @@ class AnyText2Pipeline:
         trust_checkpoint: bool = False,
         base_model_path: str | os.PathLike[str] | None = None,
         community_loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
+        compile: bool = False,
+        compile_mode: str | None = None,
+        channels_last: bool = False,
     ) -> "AnyText2Pipeline":
         """Build from a YAML and a checkpoint (no checkpoint: the random init-rule teacher, for tests),
-        optionally with another SD1.5 base model and community LoRAs ``[(path, ratio), ...]`` merged in."""
+        optionally with another SD1.5 base model and community LoRAs ``[(path, ratio), ...]`` merged in.
+        ``compile``/``compile_mode``/``channels_last``: see :meth:`accelerate` (off by default: not bit-exact)."""
         base_model_path, community_loras = normalise_swaps(base_model_path, community_loras)
         recipe = ModelRecipe(str(config), str(teacher_ckpt) if teacher_ckpt else None, dtype,
                              torch.device(device) if device else default_device(), trust_checkpoint,
@@ -628,7 +640,23 @@ class AnyText2Pipeline:
         model, peft, notes = build_model(recipe)
         pipe = cls(model, font_path)
         pipe._install(model, peft, notes, recipe)
+        if compile or channels_last:
+            pipe.accelerate(compile=compile, compile_mode=compile_mode, channels_last=channels_last)
         return pipe
+
+    def accelerate(self, *, compile: bool, compile_mode: str | None = None, channels_last: bool,
+                   backend: str = "inductor") -> Acceleration:
+        """Channels-last weights and/or ``torch.compile`` for the UNet, WriteNet and VAE decoder
+        (``anytext2/acceleration.py``); kept for the model a LoRA merge or a model swap puts in place later.
+        Compiled graphs are built on first use per shape, so the first request at a size is slow."""
+        self._acceleration_request = dict(compile=compile, compile_mode=compile_mode, channels_last=channels_last,
+                                          backend=backend)
+        self.acceleration = accelerate_model(self.model, **self._acceleration_request)
+        return self.acceleration
+
+    def _reaccelerate(self) -> None:
+        if self._acceleration_request is not None:
+            self.acceleration = accelerate_model(self.model, **self._acceleration_request)
 
     @property
     def device(self) -> torch.device:
@@ -655,6 +683,7 @@ class AnyText2Pipeline:
         self.model, self._peft = attach_student_lora(self.model, path, scale, merge)
         self.lora_path, self.lora_scale, self.lora_merged = str(path), float(scale), bool(merge)
         self.adapter_info = info
+        self._reaccelerate()
         if self.recipe is not None:
             self.recipe = replace(self.recipe, lora_path=str(path), lora_scale=float(scale), lora_merged=bool(merge))
 
@@ -689,6 +718,7 @@ class AnyText2Pipeline:
         self.adapter_info = _adapter_info(recipe.lora_path) if recipe.lora_path else None
         # the caches key on tensor identity, which a rebuilt model may reuse from a freed one
         self._blank_latents, self._uncond_captions = BlankLatentCache(), UncondCaptionCache()
+        self._reaccelerate()
 
     def set_base_model(self, path: str | os.PathLike[str] | None) -> list[str]:
         """:meth:`set_model_swaps` with the current community LoRAs."""
@@ -772,22 +802,26 @@ class AnyText2Pipeline:
             masked_x = self._masked_latent(conditioning, generator)
             guided = options.sampler == "teacher" and options.guidance_scale != 1.0
             cond, uncond = self.model.encode_conditions(
-                conditioning.text_info(masked_x), [conditioning.image_caption], [conditioning.text_caption],
+                conditioning.text_info(masked_x, self.device), [conditioning.image_caption], [conditioning.text_caption],
                 conditioning.negative_caption if guided else None,
                 self._uncond_contexts(conditioning) if guided else None)
             latent_shape = (options.num_images, self.model.config.latent_channels, *masked_x.shape[-2:])
             latents = torch.randn(latent_shape, generator=generator)
+            # the loops' timesteps and scheduler coefficients, Python numbers made before the loop starts
+            steps_plan = (ddim_steps(steps, options.eta, self.model.alphas_cumprod, options.anytext2_ddim_grid)
+                          if plan is None else student_steps(plan, self.model.alphas_cumprod, options.gamma))
             self._sync()
             timings["encode"] = time.perf_counter() - start
             start = time.perf_counter()
+            hook = mark_step if self.acceleration is not None and self.acceleration.cuda_graphs else None
             if options.sampler == "teacher":
-                latents = sample_teacher_ddim(
-                    self.model, cond, uncond, steps, options.guidance_scale, options.eta, generator,
-                    options.strength, options.attnx_scale, latents, images_per_condition=options.num_images,
-                    batch_cfg=options.batch_cfg, anytext2_grid=options.anytext2_ddim_grid)
+                latents = run_teacher(
+                    self.model, cond, uncond, steps_plan, latents, generator, options.guidance_scale, options.strength,
+                    options.attnx_scale, images_per_condition=options.num_images, batch_cfg=options.batch_cfg,
+                    before_unet=hook)
             else:
-                latents = sample_student(self.model, cond, plan, generator, options.strength, options.attnx_scale,
-                                         latents, gamma=options.gamma, images_per_condition=options.num_images)
+                latents = run_student(self.model, cond, steps_plan, latents, generator, options.strength,
+                                      options.attnx_scale, images_per_condition=options.num_images, before_unet=hook)
             self._sync()
             timings["sample"] = time.perf_counter() - start
             start = time.perf_counter()
