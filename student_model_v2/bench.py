@@ -42,6 +42,7 @@ conditioning speed-up can pass, since decoding is the same work for both models.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -317,6 +318,38 @@ def _try_batch(trainer, batch_size: int, args: argparse.Namespace) -> dict:
             "peak_memory_gb": round(peak, 3)}
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # how high glibc's dynamic threshold goes on 64-bit systems
+
+
+def _set_mmap_threshold(size: int) -> None:
+    import ctypes
+
+    if ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size) != 1:
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: CPU peak memory per try cannot be measured")
+
+
+@contextlib.contextmanager
+def _freed_memory_leaves_the_process(device) -> Iterator[None]:
+    """CPU: during the search, glibc serves allocations of 128 KiB and more with mmap, so freed tensors leave the RSS.
+
+    By default glibc raises its mmap threshold as large blocks are freed and then keeps such blocks in
+    its heap: after a large try the RSS would stay at that try's peak and every later, smaller try would
+    measure it. A fixed 128 KiB threshold makes large frees return to the OS (at the cost of page faults,
+    so the timed run afterwards gets a fixed 32 MiB threshold, the top of glibc's dynamic range). Memory
+    kept across tries by caches (oneDNN's per-shape primitives, Python's small-block heap) still counts:
+    after a larger try failed, a smaller try's CPU peak is an upper bound. On CUDA nothing changes.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    _set_mmap_threshold(128 * 1024)
+    try:
+        yield
+    finally:
+        _set_mmap_threshold(GLIBC_MMAP_THRESHOLD_MAX)
+
+
 def _find_max_batch(trainer, args: argparse.Namespace) -> dict:
     """The search of ``--find_max_batch`` and the timed run at the batch it found."""
     dataset_size = len(trainer.train_loader.dataset)
@@ -327,7 +360,8 @@ def _find_max_batch(trainer, args: argparse.Namespace) -> dict:
         trials.append(_try_batch(trainer, batch_size, args))
         return trials[-1]["fits"]
 
-    best = search_max_batch(fits, cap)
+    with _freed_memory_leaves_the_process(trainer.accelerator.device):
+        best = search_max_batch(fits, cap)
     if best == 0:
         raise SystemExit(f"error: batch 1 does not fit ({trials[0]}); lower --resolution or raise --memory_limit_gb")
     return {"max_batch": best, "cap": cap, "capped_by": "dataset" if dataset_size < args.max_batch else "--max_batch",
