@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, broadcast_object_list,
+                              gather_object, set_seed)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
