@@ -3,6 +3,7 @@ writes it to a file).
 
     python -m student_model_v2.bench data [--dataset_json ...] [--min_lines 5] [--repeats 3]
     python -m student_model_v2.bench train --version v2_4 [--config ...] [--batch_size 2] [--steps 5] [--num_workers 2]
+    python -m student_model_v2.bench train --find_max_batch [--max_batch 64] [--memory_limit_gb 100]
     python -m student_model_v2.bench teacher [--config models_yaml/anytext2_sd15.yaml] [--dtype bf16]
     python -m student_model_v2.bench infer [--config ...] [--resolution 64] [--num_images 4] [--repeats 5] [--compile] [--channels_last]
 
@@ -16,9 +17,15 @@ DataLoader in the loop (the training split of ``--dataset_json``, default the de
 ``--num_workers`` workers, optionally through ``--lmdb_path``; batches are pulled from the loader inside
 the timed steps, and ``data_wait_seconds_per_step`` is the part spent waiting for them), the trainable
 LoRA parameter count, the UNet, WriteNet, VAE-encoder and CLIP caption calls of one step with their batch
-rows, and parameter memory (frozen base vs LoRA). Several ``--version`` values run in one process, so
-their ratios are comparable. Without ``--teacher_ckpt`` the teacher is the random init rule (fine for
-timing: the cost does not depend on the weights).
+rows, parameter memory (frozen base vs LoRA), peak memory (CUDA: ``max_memory_allocated``; CPU: the
+process's peak RSS, VmHWM), the FLOPs of one step (``torch.utils.flop_counter.FlopCounterMode``: matmuls,
+convolutions and attention of every pass, backward included) and, on CUDA, the model FLOP utilisation
+against ``--peak_tflops`` (default the H200's dense bf16 989 TFLOPS). Several ``--version`` values run in
+one process, so their ratios are comparable. Without ``--teacher_ckpt`` the teacher is the random init
+rule (fine for timing: the cost does not depend on the weights). ``--find_max_batch`` searches the
+largest batch that fits (doubling from 1, then bisection; each try runs ``--try_steps`` steps and fails
+on ``torch.OutOfMemoryError`` or a peak above ``--memory_limit_gb``, up to ``--max_batch`` and the
+training set's size), lists every try, and times ``--steps`` steps at the batch it found.
 
 ``infer``: one inference request (glyph rendering, OCR/CLIP/VAE-encode conditioning, sampling, VAE
 decode; same request, image count and seed) for the teacher (20 DDIM steps, CFG 7.5, cond+uncond rows
@@ -45,6 +52,7 @@ the warm-up round compiles.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -134,77 +142,273 @@ def _endless(loader) -> Iterator:
         epoch += 1
 
 
-def bench_train(args: argparse.Namespace) -> dict:
-    import importlib
+H200_DENSE_BF16_TFLOPS = 989.0  # NVIDIA H200 SXM datasheet: 989 TFLOPS dense BF16/FP16 tensor core (1979 sparse)
+
+
+def _release_memory(device) -> None:
+    """Return what a finished or failed try freed: Python garbage, CUDA's cached blocks, glibc's free heap."""
+    import ctypes
+    import gc
 
     import torch
 
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_peak_memory(device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or on the CPU the kernel's peak-RSS mark (VmHWM)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with open("/proc/self/clear_refs", "w") as handle:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        handle.write("5")
+
+
+def _peak_memory_gb(device) -> float:
+    """Peak since ``_reset_peak_memory``: CUDA ``max_memory_allocated``, or on the CPU the process's peak RSS."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM line: peak RSS cannot be measured on this system")
+
+
+def _train_argv(args: argparse.Namespace, version: str, tmp: str, batch_size: int) -> list[str]:
+    argv = ["--config", args.config, "--resolution", str(args.resolution), "--train_batch_size",
+            str(batch_size), "--mixed_precision", args.mixed_precision, "--teacher_dtype",
+            args.teacher_dtype, "--output_dir", str(Path(tmp) / version), "--dataset_json",
+            *args.dataset_json, "--cache_dir", str(Path(tmp) / "index"), "--train_ratio", "1.0",
+            "--val_ratio", "0.0", "--test_ratio", "0.0", "--eval_batches", "0", "--save_steps", "0",
+            "--max_train_steps", str(args.warmup + args.steps), "--lora_rank", str(args.lora_rank),
+            "--lora_alpha", str(args.lora_rank), "--num_workers", str(args.num_workers),
+            "--dataloader_start_method", args.dataloader_start_method, "--persistent_workers", "--lora_targets",
+            args.lora_targets]
+    if args.teacher_ckpt:
+        argv += ["--teacher_ckpt", args.teacher_ckpt]
+    if args.lmdb_path:
+        argv += ["--lmdb_path", args.lmdb_path, "--no_font_hint_randaug"]
+    if args.use_mock_dataset:
+        argv += ["--use_mock_dataset", "--mock_size", str(args.mock_size)]
+    if args.no_tf32:
+        argv += ["--no_tf32"]
+    if args.no_fused_adamw:
+        argv += ["--no_fused_adamw"]
+    return argv
+
+
+def _train_loader(trainer, batch_size: int):
+    """A prepared training loader at ``batch_size`` over the trainer's own data flags (for batch-size tries)."""
+    import copy
+
+    from student_model_v2.training.data import build_dataloaders
+
+    flags = copy.copy(trainer.args)
+    flags.train_batch_size = batch_size
+    return trainer.accelerator.prepare_data_loader(build_dataloaders(flags, eval_samples=0).train)
+
+
+def _measure(trainer, loader, batch_size: int, args: argparse.Namespace) -> dict:
+    """Warm-up, then timed optimizer steps with the loader in the loop; memory, passes and FLOPs of a step."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = trainer.accelerator.device
+    batches = _endless(loader)
+    for _ in range(args.warmup):
+        trainer.train_step(next(batches))
+    _sync(device)
+    _reset_peak_memory(device)
+    trainer.counter.reset()
+    started = time.perf_counter()
+    data_wait = 0.0
+    for _ in range(args.steps):
+        fetch_started = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - fetch_started
+        trainer.train_step(batch)
+    _sync(device)
+    seconds = (time.perf_counter() - started) / args.steps
+    peak = _peak_memory_gb(device)
+    calls = trainer.counter
+    # the first timed step's calls (every step makes the same ones)
+    per_step = {name: [[role, rows] for role, rows in recorded[: len(recorded) // args.steps]]
+                for name, recorded in (("unet", calls.unet_calls), ("writenet", calls.writenet_calls),
+                                       ("vae", calls.vae_calls), ("text_encoder", calls.text_encoder_calls))}
+    with FlopCounterMode(display=False) as flop_counter:  # one untimed step
+        trainer.train_step(next(batches))
+    batches.close()
+    flops = flop_counter.get_total_flops()
+    params = list(trainer.student.parameters())
+    result = {
+        "batch_size": batch_size,
+        "seconds_per_step": round(seconds, 4),
+        "seconds_per_sample": round(seconds / batch_size, 4),
+        "samples_per_second": round(batch_size / seconds, 3),
+        "data_wait_seconds_per_step": round(data_wait / args.steps, 4),
+        "unet_calls_per_step": per_step["unet"],
+        "writenet_calls_per_step": per_step["writenet"],
+        "vae_calls_per_step": per_step["vae"],
+        "text_encoder_calls_per_step": per_step["text_encoder"],
+        "frozen_param_gb": round(sum(p.numel() * p.element_size() for p in params if not p.requires_grad) / 2**30, 4),
+        "lora_param_mb": round(sum(p.numel() * p.element_size() for p in params if p.requires_grad) / 2**20, 3),
+        "lora_parameters": trainer.lora_parameters,
+        "optimizer": trainer.optimizer_implementation,
+        "peak_memory_gb": round(peak, 3),
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+        "tflop_per_step": round(flops / 1e12, 4),
+        "achieved_tflops": round(flops / seconds / 1e12, 3),
+    }
+    if device.type == "cuda":
+        result["model_flops_utilisation"] = round(flops / seconds / (args.peak_tflops * 1e12), 4)
+        result["peak_tflops_assumed"] = args.peak_tflops
+    return result
+
+
+def search_max_batch(fits: Callable[[int], bool], cap: int) -> int:
+    """Largest batch in [1, cap] for which ``fits`` holds (0 if none), assuming fitting is monotone.
+
+    Doubles from 1 until a batch does not fit or the cap is reached, then bisects between the last
+    batch that fit and the first that did not: about 2 log2(answer) tries.
+    """
+    fit, failed, batch = 0, None, 1
+    while failed is None:
+        batch = min(batch, cap)
+        if not fits(batch):
+            failed = batch
+        elif batch == cap:
+            return batch
+        else:
+            fit, batch = batch, batch * 2
+    while failed - fit > 1:
+        middle = (fit + failed) // 2
+        if fits(middle):
+            fit = middle
+        else:
+            failed = middle
+    return fit
+
+
+def _try_batch(trainer, batch_size: int, args: argparse.Namespace) -> dict:
+    """``--try_steps`` optimizer steps at ``batch_size``: whether they fit, and their peak memory.
+
+    A try does not fit when it raises ``torch.OutOfMemoryError`` (CUDA) or when its peak memory exceeds
+    ``--memory_limit_gb``. Everything the try allocated is released before the next one.
+    """
+    import torch
+
+    device = trainer.accelerator.device
+    loader = _train_loader(trainer, batch_size)
+    _release_memory(device)
+    _reset_peak_memory(device)
+    out_of_memory = False
+    batches = _endless(loader)
+    try:
+        for _ in range(args.try_steps):
+            trainer.train_step(next(batches))
+        _sync(device)
+    except torch.OutOfMemoryError:
+        out_of_memory = True
+    finally:
+        batches.close()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    peak = _peak_memory_gb(device)
+    del loader, batches
+    _release_memory(device)
+    over_limit = args.memory_limit_gb is not None and peak > args.memory_limit_gb
+    return {"batch_size": batch_size, "fits": not (out_of_memory or over_limit), "out_of_memory": out_of_memory,
+            "peak_memory_gb": round(peak, 3)}
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # how high glibc's dynamic threshold goes on 64-bit systems
+
+
+def _set_mmap_threshold(size: int) -> None:
+    import ctypes
+
+    if ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size) != 1:
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: CPU peak memory per try cannot be measured")
+
+
+@contextlib.contextmanager
+def _freed_memory_leaves_the_process(device) -> Iterator[None]:
+    """CPU: during the search, glibc serves allocations of 128 KiB and more with mmap, so freed tensors leave the RSS.
+
+    By default glibc raises its mmap threshold as large blocks are freed and then keeps such blocks in
+    its heap: after a large try the RSS would stay at that try's peak and every later, smaller try would
+    measure it. A fixed 128 KiB threshold makes large frees return to the OS (at the cost of page faults,
+    so the timed run afterwards gets a fixed 32 MiB threshold, the top of glibc's dynamic range). Memory
+    kept across tries by caches (oneDNN's per-shape primitives, Python's small-block heap) still counts:
+    after a larger try failed, a smaller try's CPU peak is an upper bound. On CUDA nothing changes.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    _set_mmap_threshold(128 * 1024)
+    try:
+        yield
+    finally:
+        _set_mmap_threshold(GLIBC_MMAP_THRESHOLD_MAX)
+
+
+def _find_max_batch(trainer, args: argparse.Namespace) -> dict:
+    """The search of ``--find_max_batch`` and the timed run at the batch it found."""
+    dataset_size = len(trainer.train_loader.dataset)
+    cap = min(args.max_batch, dataset_size)
+    trials: list[dict] = []
+
+    def fits(batch_size: int) -> bool:
+        trials.append(_try_batch(trainer, batch_size, args))
+        return trials[-1]["fits"]
+
+    with _freed_memory_leaves_the_process(trainer.accelerator.device):
+        best = search_max_batch(fits, cap)
+    if best == 0:
+        raise SystemExit(f"error: batch 1 does not fit ({trials[0]}); lower --resolution or raise --memory_limit_gb")
+    return {"max_batch": best, "cap": cap, "capped_by": "dataset" if dataset_size < args.max_batch else "--max_batch",
+            "memory_limit_gb": args.memory_limit_gb, "trials": trials,
+            "at_max_batch": _measure(trainer, _train_loader(trainer, best), best, args)}
+
+
+def bench_train(args: argparse.Namespace) -> dict:
+    import importlib
+
+    from student_model_v2.training.speed import tf32_state
     from student_model_v2.training.trainer import Trainer
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="anytext_bench_train_") as tmp:
         for version in args.version:
             module = importlib.import_module(f"student_model_v2.train_lcm_anytext_{version}")
-            argv = ["--config", args.config, "--resolution", str(args.resolution), "--train_batch_size",
-                    str(args.batch_size), "--mixed_precision", args.mixed_precision, "--teacher_dtype",
-                    args.teacher_dtype, "--output_dir", str(Path(tmp) / version), "--dataset_json",
-                    *args.dataset_json, "--cache_dir", str(Path(tmp) / "index"), "--train_ratio", "1.0",
-                    "--val_ratio", "0.0", "--test_ratio", "0.0", "--eval_batches", "0", "--save_steps", "0",
-                    "--max_train_steps", str(args.warmup + args.steps), "--lora_rank", str(args.lora_rank),
-                    "--lora_alpha", str(args.lora_rank), "--num_workers", str(args.num_workers),
-                    "--dataloader_start_method", args.dataloader_start_method, "--persistent_workers", "--lora_targets", args.lora_targets]
-            if args.teacher_ckpt:
-                argv += ["--teacher_ckpt", args.teacher_ckpt]
-            if args.lmdb_path:
-                argv += ["--lmdb_path", args.lmdb_path, "--no_font_hint_randaug"]
+            argv = _train_argv(args, version, tmp, 1 if args.find_max_batch else args.batch_size)
             trainer = Trainer(module.build_argument_parser().parse_args(argv), module.OBJECTIVE)
             device = trainer.accelerator.device
-            batches = _endless(trainer.train_loader)
-            for _ in range(args.warmup):
-                trainer.train_step(next(batches))
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            trainer.counter.reset()
-            _sync(device)
-            started = time.perf_counter()
-            data_wait = 0.0
-            for _ in range(args.steps):
-                fetch_started = time.perf_counter()
-                batch = next(batches)
-                data_wait += time.perf_counter() - fetch_started
-                trainer.train_step(batch)
-            _sync(device)
-            seconds = (time.perf_counter() - started) / args.steps
-            batches.close()
-            params = list(trainer.student.parameters())
-            calls = trainer.counter
-
-            def per_step(recorded: list[tuple[str, int]]) -> list[list]:
-                """The first timed step's calls (every step makes the same ones)."""
-                return [[role, rows] for role, rows in recorded[: len(recorded) // args.steps]]
-
-            results[version] = {
-                "seconds_per_step": round(seconds, 4),
-                "seconds_per_sample": round(seconds / args.batch_size, 4),
-                "samples_per_second": round(args.batch_size / seconds, 3),
-                "data_wait_seconds_per_step": round(data_wait / args.steps, 4),
-                "unet_calls_per_step": per_step(calls.unet_calls),
-                "writenet_calls_per_step": per_step(calls.writenet_calls),
-                "vae_calls_per_step": per_step(calls.vae_calls),
-                "text_encoder_calls_per_step": per_step(calls.text_encoder_calls),
-                "frozen_param_gb": round(sum(p.numel() * p.element_size() for p in params if not p.requires_grad) / 2**30, 4),
-                "lora_param_mb": round(sum(p.numel() * p.element_size() for p in params if p.requires_grad) / 2**20, 3),
-                "lora_parameters": trainer.lora_parameters,
-                "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
-            }
-    first = results[args.version[0]]["seconds_per_step"]
+            if args.find_max_batch:
+                results[version] = _find_max_batch(trainer, args)
+            else:
+                results[version] = _measure(trainer, trainer.train_loader, args.batch_size, args)
+    timed = {v: r["at_max_batch"] if args.find_max_batch else r for v, r in results.items()}
+    first = timed[args.version[0]]["seconds_per_step"]
     return {
         "command": "train", "config": args.config, "device": str(device), "resolution": args.resolution,
-        "batch_size": args.batch_size, "lora_targets": args.lora_targets, "mixed_precision": args.mixed_precision, "teacher_dtype": args.teacher_dtype,
-        "dataset_json": args.dataset_json, "lmdb_path": args.lmdb_path or None, "num_workers": args.num_workers,
+        "batch_size": "searched" if args.find_max_batch else args.batch_size, "lora_targets": args.lora_targets,
+        "mixed_precision": args.mixed_precision, "teacher_dtype": args.teacher_dtype, "tf32": tf32_state(),
+        "dataset_json": None if args.use_mock_dataset else args.dataset_json,
+        "mock_size": args.mock_size if args.use_mock_dataset else None,
+        "lmdb_path": args.lmdb_path or None, "num_workers": args.num_workers,
         "dataloader_start_method": args.dataloader_start_method, "loader_included": True,
         "timed_steps": args.steps, "random_init_teacher": not args.teacher_ckpt, "versions": results,
-        "step_time_relative_to_first": {v: round(r["seconds_per_step"] / first, 3) for v, r in results.items()},
+        "step_time_relative_to_first": {v: round(r["seconds_per_step"] / first, 3) for v, r in timed.items()},
     }
 
 
@@ -460,6 +664,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataloader_start_method", choices=["fork", "spawn", "forkserver"], default="fork")
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     train.add_argument("--teacher_dtype", choices=DTYPE_CHOICES, default="fp32")
+    train.add_argument("--use_mock_dataset", action="store_true",
+                       help="synthetic samples instead of --dataset_json (any number: see --mock_size)")
+    train.add_argument("--mock_size", type=int, default=256, help="samples of --use_mock_dataset")
+    train.add_argument("--no_tf32", action="store_true", help="float32 matmuls/convolutions without TF32 (CUDA)")
+    train.add_argument("--no_fused_adamw", action="store_true", help="torch's default AdamW instead of the fused one")
+    train.add_argument("--find_max_batch", action="store_true",
+                       help="find the largest batch that fits (doubling, then bisection; --batch_size is ignored) "
+                       "and time --steps steps at it")
+    train.add_argument("--max_batch", type=int, default=512,
+                       help="largest batch --find_max_batch tries (also capped by the training set's size)")
+    train.add_argument("--memory_limit_gb", type=float, default=None,
+                       help="--find_max_batch: a batch whose peak memory exceeds this does not fit (CUDA: "
+                       "max_memory_allocated; CPU: the process's peak RSS); CUDA also stops at out-of-memory")
+    train.add_argument("--try_steps", type=int, default=2,
+                       help="--find_max_batch: optimizer steps per tried batch (the first also allocates AdamW's state)")
+    train.add_argument("--peak_tflops", type=float, default=H200_DENSE_BF16_TFLOPS,
+                       help="the GPU's dense peak for the model FLOP utilisation estimate (default: H200 bf16)")
     train.set_defaults(func=bench_train)
     teacher = sub.add_parser("teacher", help="teacher forward cost: conditioning, WriteNet, one UNet call")
     teacher.add_argument("--config", default=str(DEFAULT_TINY_YAML))

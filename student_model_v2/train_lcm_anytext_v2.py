@@ -77,7 +77,7 @@ class X0RegressionObjective(Objective):
                      generator: torch.Generator) -> LossOutput:
         pred, target = self.x0_pair(denoisers, latents, generator)
         loss = lcm.consistency_loss(pred, target, self.args.loss_type, self.args.huber_c)
-        return LossOutput(loss, {"x0": float(loss.detach())})
+        return LossOutput(loss, {"x0": loss.detach()})
 
 
 OBJECTIVE = X0RegressionObjective

@@ -43,7 +43,7 @@ class X0RegressionWithGlyphLosses(FastX0RegressionObjective):
                      generator: torch.Generator) -> LossOutput:
         pred, target = self.x0_pair(denoisers, latents, generator)
         main = lcm.consistency_loss(pred, target, self.args.loss_type, self.args.huber_c)
-        terms = {"x0": float(main.detach())}
+        terms = {"x0": main.detach()}
         return LossOutput(self.aux.add(main, pred, target, batch, terms), terms)
 
 

@@ -78,7 +78,7 @@ class LCMObjective(Objective):
             target = self._boundary(x_t, lcm.predicted_origin(target_eps, pairs.target, x_t, "epsilon", ac), pairs.target)
 
         main = lcm.consistency_loss(pred, target, args.loss_type, args.huber_c)
-        terms = {"lcm": float(main.detach())}
+        terms = {"lcm": main.detach()}
         return LossOutput(self.aux.add(main, pred, target, batch, terms), terms)
 
 

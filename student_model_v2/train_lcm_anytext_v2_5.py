@@ -92,7 +92,7 @@ class PCMObjective(Objective):
                      generator: torch.Generator) -> LossOutput:
         pred, target, _ = self.prediction_and_target(denoisers, latents, generator)
         loss = lcm.consistency_loss(pred, target, self.args.loss_type, self.args.huber_c)
-        return LossOutput(loss, {"pcm": float(loss.detach())})
+        return LossOutput(loss, {"pcm": loss.detach()})
 
 
 OBJECTIVE = PCMObjective

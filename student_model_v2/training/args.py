@@ -65,7 +65,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument("--num_workers", type=int, default=0)
     data.add_argument("--prefetch_factor", type=int, default=2)
     data.add_argument("--persistent_workers", action="store_true")
-    data.add_argument("--pin_memory", action="store_true")
+    data.add_argument("--pin_memory", action=argparse.BooleanOptionalAction, default=None,
+                      help="page-locked batches, copied to the GPU asynchronously (non_blocking); default: on when "
+                      "training on CUDA, off on the CPU (where there is no copy)")
     data.add_argument("--worker_num_threads", type=int, default=1,
                       help="torch/OpenCV threads per data worker (OpenCV's count is set in the main process before "
                       "the dataset is built, since a forked worker cannot change it)")
@@ -94,7 +96,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     opt.add_argument("--max_train_steps", type=int, default=1000, help="optimizer updates (cap in epoch mode; 0 = none)")
     opt.add_argument("--max_epochs", type=int, default=0, help="> 0: epoch-driven training")
     opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    opt.add_argument("--allow_tf32", action="store_true")
+    opt.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=True,
+                     help="TF32 tensor-core matmuls and cuDNN convolutions for float32 operations on CUDA (float32 "
+                     "range, 10-bit mantissa in the multiplies); no effect on the CPU or on bf16/fp16 autocast ops")
+    opt.add_argument("--no_tf32", dest="allow_tf32", action="store_false", help="same as --no-allow_tf32")
+    opt.add_argument("--no_fused_adamw", action="store_true",
+                     help="use torch's default AdamW loop instead of the fused kernel (fused is used wherever torch "
+                     "supports the LoRA parameters: CUDA and CPU, float parameters)")
     opt.add_argument("--seed", type=int, default=42)
     opt.add_argument("--max_consecutive_nonfinite", type=int, default=5,
                      help="stop with an error after this many optimizer steps in a row whose loss (on any rank) or "

@@ -53,15 +53,15 @@ class AuxiliaryLosses:
         self.grad = MaskedGradientLoss(text_weight=args.loss_text_weight) if args.grad_weight > 0 else None
 
     def add(self, loss: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, batch: dict[str, Any],
-            terms: dict[str, float]) -> torch.Tensor:
-        """``loss`` + the weighted active terms; each unweighted term is logged into ``terms``."""
+            terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``loss`` + the weighted active terms; each unweighted term goes into ``terms`` (detached, on the device)."""
         if self.ffl is not None:
             ffl = self.ffl(pred.float(), target.float())
-            terms["ffl"] = float(ffl.detach())
+            terms["ffl"] = ffl.detach()
             loss = loss + self.ffl_weight * ffl
         if self.grad is not None:
             mask = text_mask_from_batch(batch, self.mask_key, size=tuple(pred.shape[-2:])).to(pred.device)
             grad = self.grad(pred.float(), target.float(), mask)
-            terms["grad"] = float(grad.detach())
+            terms["grad"] = grad.detach()
             loss = loss + self.grad_weight * grad
         return loss

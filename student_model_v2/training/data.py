@@ -215,7 +215,7 @@ def build_dataloaders(args: argparse.Namespace, eval_samples: int | None = None)
     train_sampler = EpochSampler(splits["train"], args.seed)
     common = dict(
         batch_size=args.train_batch_size, collate_fn=collate_fn, num_workers=max(0, args.num_workers),
-        pin_memory=args.pin_memory, **workers,
+        pin_memory=bool(args.pin_memory), **workers,
     )
     def watched(subset: Dataset) -> Dataset:
         return HangWatchdog(subset, args.dataloader_timeout) if args.num_workers > 0 else subset

@@ -1,8 +1,9 @@
 """Skip optimizer updates whose loss (on any rank) or gradient is NaN/Inf, and stop when they persist.
 
 Every rank records whether a micro-batch loss of the current accumulation window was non-finite; at
-the window's boundary one all-reduce makes the decision common, so all ranks skip the same update and
-their weights stay identical. A skipped window still counts as an optimizer step slot: ``global_step``,
+the window's boundary one all-reduce (shared with the trainer's other per-step flags, see
+``Trainer._apply_update``) makes the decision common, so all ranks skip the same update and their
+weights stay identical. A skipped window still counts as an optimizer step slot: ``global_step``,
 the LR schedule and the data position advance as in an uninterrupted run, only the weights and the
 optimizer state stay as they were. ``--max_consecutive_nonfinite`` skips in a row end the run with
 :class:`NonFiniteLossError` (the data or the learning rate is wrong; skipping further would only hide it).
@@ -19,7 +20,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteGuard:
-    """Per-window non-finite bookkeeping; ``decide`` is collective (every rank calls it at each boundary)."""
+    """Per-window non-finite bookkeeping: ``local_flag`` then, after the all-reduce, ``settle`` at each boundary."""
 
     def __init__(self, max_consecutive: int, device: torch.device) -> None:
         self.max_consecutive = max_consecutive
@@ -32,20 +33,29 @@ class NonFiniteGuard:
         """Record one micro-batch loss (no host sync: the flag stays a device tensor until ``decide``)."""
         self._window_bad = torch.maximum(self._window_bad, (~torch.isfinite(loss.detach()).all()).float())
 
-    def decide(self, accelerator: Accelerator, grad_norm: torch.Tensor | float | None, step: int) -> bool:
-        """True when the update of optimizer step ``step`` must be skipped on every rank.
+    def local_flag(self, grad_norm: torch.Tensor | float | None) -> torch.Tensor:
+        """This rank's verdict on the window that ends now (1.0 = non-finite), as a device tensor.
 
         ``grad_norm`` (the clipped norm, identical on every rank after DDP's all-reduce) also counts
         when given; under fp16 the trainer passes None because overflowing gradients are the grad
-        scaler's business (it skips those steps itself and lowers the scale).
+        scaler's business (it skips those steps itself and lowers the scale). Starts the next window;
+        reads nothing back to the host.
         """
         flag = self._window_bad.clone()
         if grad_norm is not None:
             norm = torch.as_tensor(grad_norm, device=self.device, dtype=torch.float32)
             flag = torch.maximum(flag, (~torch.isfinite(norm)).float())
         self._window_bad = torch.zeros((), device=self.device)
-        skip = bool(accelerator.reduce(flag, reduction="sum") > 0)
-        if not skip:
+        return flag
+
+    def settle(self, flagged_ranks: float, step: int) -> bool:
+        """True when the update of optimizer step ``step`` must be skipped on every rank.
+
+        ``flagged_ranks`` is the sum of every rank's ``local_flag`` (one all-reduce, which the trainer
+        shares with its other per-step flags so that a step reads the host once); every rank passes the
+        same value, so all of them skip, count and stop together.
+        """
+        if flagged_ranks <= 0:
             self.consecutive = 0
             return False
         self.skipped += 1

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, broadcast_object_list,
+                              gather_object, set_seed)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
@@ -52,6 +53,7 @@ from .data import build_dataloaders
 from .distributed import refuse_sharded_teacher
 from .nonfinite import NonFiniteGuard
 from .previews import save_preview_grid
+from .speed import build_adamw, configure_tf32, keep_implementation, tf32_state
 from .stopping import SIGTERM_EXIT_CODE, StopRequest, shutdown_workers
 
 logger = logging.getLogger("student_model_v2.train")
@@ -233,8 +235,11 @@ def _out_of_inference(eps: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LossOutput:
+    """A micro-batch's loss and its logged terms, all device tensors: the trainer reads them to the host
+    only at logging steps, so a training step needs no device sync for them."""
+
     loss: torch.Tensor
-    terms: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Objective(abc.ABC):
@@ -309,6 +314,9 @@ class Trainer:
             log_with="tensorboard",
             project_dir=args.output_dir,
             kwargs_handlers=[ddp_kwargs],
+            # batches are copied to the device one ahead of the step that uses them (accelerate's loader
+            # moves a batch before it fetches the next); from pinned memory the copy is asynchronous
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
         )
         acc = self.accelerator
         launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -320,9 +328,9 @@ class Trainer:
             )
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        if args.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        configure_tf32(args.allow_tf32)
+        if args.pin_memory is None:
+            args.pin_memory = acc.device.type == "cuda"
         refuse_sharded_teacher(acc.state)
         self.output_dir = self._resolve_output_dir()
         set_seed(args.seed)
@@ -340,12 +348,12 @@ class Trainer:
         # LoRA init above is identical on every rank; from here the global RNGs (LoRA dropout masks) differ per rank
         set_seed(args.seed, device_specific=True)
         self.student = StudentForward(self.peft_model)
+        # model-level acceleration (torch.compile, channels-last) belongs here: after LoRA, before prepare
         self.lora_parameters = lora_parameter_counts(self.student)
         params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-        )
+        self.optimizer, self.optimizer_implementation = build_adamw(params, args)
+        logger.info("AdamW: %s; TF32 %s; pinned batches: %s", self.optimizer_implementation, tf32_state(),
+                    args.pin_memory)
         loaders = build_dataloaders(args, eval_samples=args.eval_batches * args.train_batch_size * acc.num_processes)
         self.dataset_stats = loaders.stats
         self.student, self.optimizer, self.train_loader = acc.prepare(self.student, self.optimizer, loaders.train)
@@ -356,9 +364,10 @@ class Trainer:
 
         self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / args.gradient_accumulation_steps))
         self.global_step, self.epoch, self.batches_done = 0, 0, 0
-        self.ema_loss: float | None = None
+        self._ema_loss: torch.Tensor | None = None  # this rank's EMA of its losses, on the device
         self.nonfinite = NonFiniteGuard(args.max_consecutive_nonfinite, acc.device)
         self.update_skipped = False
+        self.stop_agreed = False
         state = load_training_state(self.resume_dir) if self.resume_dir is not None and args.resume_optimizer else None
         self.schedule_steps, self.total_steps = self._step_plan(state)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer,
@@ -522,7 +531,7 @@ class Trainer:
             "batches_done": self.batches_done,
             "total_steps": self.total_steps,
             "schedule_steps": self.schedule_steps,
-            "ema_loss": self.ema_loss,
+            "ema_loss": self.ema_loss(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "rng": states,
@@ -556,11 +565,13 @@ class Trainer:
         acc = self.accelerator
         self._check_same_layout(state)
         self.optimizer.load_state_dict(state["optimizer"])
+        keep_implementation(self.optimizer.optimizer, self.optimizer_implementation)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.global_step = int(state["global_step"])
         self.epoch = int(state["epoch"])
         self.batches_done = int(state["batches_done"])
-        self.ema_loss = state["ema_loss"]
+        if state["ema_loss"] is not None:
+            self._ema_loss = torch.tensor(float(state["ema_loss"]), device=acc.device)
         restore_rng_state(state["rng"][acc.process_index], self.generator)
         self.nonfinite.skipped = int(state.get("nonfinite_skips", 0))
         per_rank_stats = state.get("dataset_stats_per_rank")
@@ -616,10 +627,18 @@ class Trainer:
 
         A skip leaves weights and optimizer state untouched on every rank (the gradients are zeroed by
         the caller); under fp16 the grad scaler backs off as it does for an overflow.
+
+        This is the step's only host read: one all-reduce of [non-finite flag, stop request] and one
+        ``tolist``, so every rank skips the same update and stops at the same step (``stop_agreed``).
+        Under fp16 the grad scaler adds its own overflow read unless the optimizer is fused.
         """
         acc = self.accelerator
         norm = acc.clip_grad_norm_(self.student.parameters(), self.args.max_grad_norm) if self.args.max_grad_norm > 0 else None
-        if not self.nonfinite.decide(acc, None if acc.scaler is not None else norm, self.global_step + 1):
+        bad = self.nonfinite.local_flag(None if acc.scaler is not None else norm)
+        flags = torch.stack([bad, bad.new_full((), 1.0 if self.stop.requested else 0.0)])
+        flagged_ranks, stopping_ranks = acc.reduce(flags, reduction="sum").tolist()
+        self.stop_agreed = stopping_ranks > 0
+        if not self.nonfinite.settle(flagged_ranks, self.global_step + 1):
             self.optimizer.step()
             return False
         if acc.scaler is not None:
@@ -664,9 +683,15 @@ class Trainer:
         finally:
             student.train()
 
-    def _should_stop(self) -> bool:
-        flag = torch.tensor(1.0 if self.stop.requested else 0.0, device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+    def ema_loss(self) -> float | None:
+        """EMA of the loss over every rank (collective); None before the first update.
+
+        Each rank keeps the EMA of its own losses on the device; all ranks apply or skip the same
+        updates and the EMA is linear, so the mean of the ranks' EMAs is the EMA of the mean loss.
+        """
+        if self._ema_loss is None:
+            return None
+        return float(self.accelerator.reduce(self._ema_loss, reduction="mean"))
 
     def train(self) -> None:
         """Train to the planned step; on SIGTERM checkpoint and exit with ``SIGTERM_EXIT_CODE``.
@@ -722,7 +747,7 @@ class Trainer:
                 run_steps += 1
                 progress.update(1)
                 self._after_step(out, progress, started, run_steps, batch)
-                if self._should_stop():
+                if self.stop_agreed:
                     stop_reason = "signal"
                 elif args.stop_after_steps and run_steps >= args.stop_after_steps:
                     stop_reason = "stop_after_steps"
@@ -752,11 +777,13 @@ class Trainer:
         return None
 
     def _after_step(self, out: LossOutput, progress: tqdm, started: float, run_steps: int, batch: dict[str, Any]) -> None:
+        """Bookkeeping after an optimizer step; loss and terms reach the host only at logging steps."""
         args, acc = self.args, self.accelerator
-        loss = float(acc.reduce(out.loss.detach().float(), reduction="mean"))
         if not self.update_skipped:
-            self.ema_loss = loss if self.ema_loss is None else 0.9 * self.ema_loss + 0.1 * loss
+            local = out.loss.detach().float()
+            self._ema_loss = local if self._ema_loss is None else 0.9 * self._ema_loss + 0.1 * local
         if self.global_step % max(1, args.logging_steps) == 0 or self.global_step == 1:
+            loss = float(acc.reduce(out.loss.detach().float(), reduction="mean"))
             elapsed = time.perf_counter() - started
             rate = run_steps / max(elapsed, 1e-9)
             samples = rate * args.train_batch_size * args.gradient_accumulation_steps * acc.num_processes
@@ -764,14 +791,15 @@ class Trainer:
             mem = _peak_memory_gb(acc.device)
             local_skipped = torch.tensor(self.dataset_stats.skipped_total(), dtype=torch.int64, device=acc.device)
             skipped = int(acc.reduce(local_skipped, reduction="sum"))  # all ranks: each sees its own shard
-            ema = float("nan") if self.ema_loss is None else self.ema_loss
+            ema_loss = self.ema_loss()
+            ema = float("nan") if ema_loss is None else ema_loss
             progress.set_postfix(loss=f"{loss:.4g}", ema=f"{ema:.4g}", lr=f"{lr:.2e}", it_s=f"{rate:.2f}",
                                  samples_s=f"{samples:.2f}", mem_gb=f"{mem:.2f}", skipped=skipped,
                                  nonfinite=self.nonfinite.skipped)
             scalars = {"train/loss": loss, "train/loss_ema": ema, "train/lr": lr, "train/it_s": rate,
                        "train/samples_s": samples, "train/peak_mem_gb": mem, "train/epoch": self.epoch,
                        "data/skipped_samples": skipped, "train/nonfinite_skips": self.nonfinite.skipped}
-            scalars.update({f"train/{k}": v for k, v in out.terms.items()})
+            scalars.update({f"train/{k}": float(v) for k, v in out.terms.items()})
             acc.log(scalars, step=self.global_step)
         if args.log_image_steps and self.global_step % args.log_image_steps == 0 and acc.is_main_process:
             self._log_preview(batch)
