@@ -15,7 +15,7 @@ constant, l2 loss. Why these:
 * lr 2e-3 makes every trained student worse than the untrained one on this teacher; 1e-4..3e-4 does not.
 
 Run once with v2_4's objective swapped for x0 regression, the v2_4 assertions fail (docs/distillation.md).
-Takes about 75 s on 2 CPU cores (three 40-step runs and one evaluation).
+Takes about 60 s on the shared 2-CPU machine (three 40-step runs and one evaluation).
 """
 
 from __future__ import annotations
@@ -41,14 +41,15 @@ OBJECTIVES = {
     "v2_4": (LCMObjective, CFG_FREE),
     "v2_5": (PCMObjective, [*CFG_FREE, "--num_phases", "2"]),
 }
-# "lower" means at least 2% lower, not a tie within float round-off (measured margins: 10-15% for v2_4, 5-15% for
-# v2_5 over training seeds 42, 1, 2)
+# "lower" means at least 2% lower: v2_2 drifts a little either side of the untrained TCE (Adam amplifies its
+# round-off-sized loss), so a swapped objective could otherwise pass "lower than untrained" by that drift alone.
+# Measured margins below min(untrained, v2_2) over training seeds 42, 1, 2: v2_4 10-14%, v2_5 5-15%.
 MARGIN = 0.98
 
 
 @pytest.fixture(scope="module")
 def tce(tmp_path_factory) -> dict[str, dict[str, float]]:
-    """TCE per row label role: 'untrained', and per version, from one eval_distillation table."""
+    """The TCE columns (x0, pcm2) of the untrained student and of each version, from one eval_distillation table."""
     root = tmp_path_factory.mktemp("tce")
     for version, (objective, flags) in OBJECTIVES.items():
         run(objective, [*BUDGET, *flags, "--output_dir", str(root / version)], "test")
