@@ -15,7 +15,8 @@ constant, l2 loss. Why these:
 * lr 2e-3 makes every trained student worse than the untrained one on this teacher; 1e-4..3e-4 does not.
 
 Run once with v2_4's objective swapped for x0 regression, the v2_4 assertions fail (docs/distillation.md).
-Takes about 60 s on the shared 2-CPU machine (three 40-step runs and one evaluation).
+Three 40-step runs and one evaluation: 60 s on the shared 2-core machine with OMP_NUM_THREADS=1 and little other
+load, 170 s with default threads while the machine's load average was 5.
 """
 
 from __future__ import annotations
