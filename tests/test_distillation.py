@@ -2,9 +2,9 @@
 every control row, both distances, the run's sampling settings, JSON + markdown; and the trajectory-consistency
 arithmetic on a toy trajectory where the answer is known.
 
-The runs are two optimizer steps each (the table's plumbing, not a learning claim): at a CPU-sized budget
-(20 steps) the trajectory-consistency error does not separate the objectives on the tiny teacher — measured
-numbers in docs/distillation.md.
+The runs are two optimizer steps each (the table's plumbing, not a learning claim); whether the objectives
+teach trajectory consistency is tests/test_trajectory_consistency.py, at the budget measured in
+docs/distillation.md.
 """
 
 from __future__ import annotations
