@@ -68,6 +68,7 @@ from student_model_v2.anytext2.config import MODELS_YAML_DIR
 from student_model_v2.distillation.lora import DEFAULT_LORA_TARGETS, LORA_TARGET_SETS
 from student_model_v2.evaluation.report import write_json
 from student_model_v2.training.args import DEFAULT_DATASET
+from student_model_v2.training.speed import TRAINING_COMPILE_MODES
 
 DEFAULT_TINY_YAML = MODELS_YAML_DIR / "anytext2_tiny.yaml"
 DTYPE_CHOICES = ["fp32", "fp16", "bf16"]
@@ -203,6 +204,10 @@ def _train_argv(args: argparse.Namespace, version: str, tmp: str, batch_size: in
         argv += ["--no_tf32"]
     if args.no_fused_adamw:
         argv += ["--no_fused_adamw"]
+    if args.compile:
+        argv += ["--compile", "--compile_mode", args.compile_mode]
+    if args.channels_last:
+        argv += ["--channels_last"]
     return argv
 
 
@@ -669,6 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mock_size", type=int, default=256, help="samples of --use_mock_dataset")
     train.add_argument("--no_tf32", action="store_true", help="float32 matmuls/convolutions without TF32 (CUDA)")
     train.add_argument("--no_fused_adamw", action="store_true", help="torch's default AdamW instead of the fused one")
+    train.add_argument("--compile", action="store_true",
+                       help="the trainer's --compile (UNet and WriteNet); --warmup steps absorb the compiling")
+    train.add_argument("--compile_mode", choices=TRAINING_COMPILE_MODES, default="default")
+    train.add_argument("--channels_last", action="store_true", help="the trainer's --channels_last")
     train.add_argument("--find_max_batch", action="store_true",
                        help="find the largest batch that fits (doubling, then bisection; --batch_size is ignored) "
                        "and time --steps steps at it")

@@ -100,7 +100,8 @@ class _HostReads:
 
 
 def test_training_steps_read_the_host_once_per_optimizer_step(tmp_path, monkeypatch):
-    """Between logging steps the trainer's only host read is the combined non-finite/stop flag.
+    """Between logging steps the trainer's only host read is the combined non-finite/stop flag (with
+    --channels_last, which must not add any).
 
     Counted over optimizer steps 2 and 3 (logging at step 1 only), two micro-batches each: the
     micro-batch without an update reads nothing, the boundary reads once. Reads from conditioning are
@@ -130,12 +131,14 @@ def test_training_steps_read_the_host_once_per_optimizer_step(tmp_path, monkeypa
         trainer = trainer_module.run(LCMObjective, [
             "--resolution", "64", "--lora_rank", "4", "--lora_alpha", "4", "--lora_targets", "attention",
             "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--max_train_steps", "3",
-            "--logging_steps", "100", "--eval_batches", "0", "--save_steps", "0", "--no_tf32",
+            "--logging_steps", "100", "--eval_batches", "0", "--save_steps", "0", "--no_tf32", "--channels_last",
             "--output_dir", str(tmp_path)], "test")
         assert tf32_state() == {"matmul": False, "cudnn": False}  # --no_tf32 reached torch
     finally:
         configure_tf32(before["matmul"])
     assert trainer.global_step == 3 and trainer.optimizer_implementation == "fused"
+    unet_conv = trainer.model.unet.input_blocks[0][0].weight  # the attention LoRA set leaves it unwrapped
+    assert trainer.acceleration.channels_last and unet_conv.is_contiguous(memory_format=torch.channels_last)
     assert reads.sites, "the counter saw nothing: the patch did not take"
     assert reads.outside_conditioning() == {("tolist", "student_model_v2/training/trainer.py:"
                                               f"{_combined_read_line()}"): 2}
@@ -196,3 +199,70 @@ def test_bench_find_max_batch_on_cpu_with_a_memory_limit(tmp_path):
         assert trial["fits"] == (trial["peak_memory_gb"] <= limit) and not trial["out_of_memory"]
     assert [(t["batch_size"], t["fits"]) for t in limited["trials"]] == [(1, True), (2, False)]
     assert limited["max_batch"] == 1 and limited["at_max_batch"]["unet_calls_per_step"][0] == ["teacher", 2]
+
+
+def _lora_model(seed: int):
+    """The tiny teacher with rank-4 LoRA whose B weights are non-zero, the same for every call."""
+    from student_model_v2.anytext2.checkpoint import build_random_teacher
+    from student_model_v2.distillation.lora import add_lora
+    from tests.conftest import TINY_YAML
+
+    torch.manual_seed(seed)
+    model = build_random_teacher(TINY_YAML)
+    peft_model = add_lora(model, rank=4, alpha=4)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model, peft_model
+
+
+def test_compiled_channels_last_training_modules_give_the_eager_loss_and_gradients():
+    """--compile (traced by aot_eager: the graphs inductor would get, without generating kernels) plus
+    --channels_last on the UNet and WriteNet: loss and LoRA gradients equal eager's to float round-off, and
+    the state-dict names a checkpoint saves are unchanged."""
+    from student_model_v2.training.speed import accelerate_trained_modules
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def loss_and_grads(flags: dict):
+        model, peft_model = _lora_model(0)
+        names = list(peft_model.state_dict())
+        acceleration = accelerate_trained_modules(peft_model, SimpleNamespace(**flags))
+        with torch.no_grad():
+            cond, _ = model.encode_conditions(_text_info(), ["a sign"] * 2, ["Text says * , * . "] * 2)
+        loss = model.predict_eps(x, 300, cond, model.control_residuals(cond)).square().mean()
+        loss.backward()
+        assert list(peft_model.state_dict()) == names
+        grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+        return acceleration, loss.detach(), grads
+
+    eager_flags = dict(compile=False, compile_mode="default", compile_backend="inductor", channels_last=False)
+    _, eager_loss, eager_grads = loss_and_grads(eager_flags)
+    acceleration, fast_loss, fast_grads = loss_and_grads(
+        dict(eager_flags, compile=True, compile_backend="aot_eager", channels_last=True))
+    assert acceleration.compiled == {"unet": "aot_eager", "writenet": "aot_eager"} and acceleration.channels_last
+    torch.testing.assert_close(fast_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert fast_grads.keys() == eager_grads.keys() and all(g.abs().max() > 0 for g in eager_grads.values())
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _text_info() -> dict:
+    from tests.test_trainer import _tiny_text_info
+
+    return _tiny_text_info()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile_mode", "max-autotune"], "--compile_mode needs --compile"),
+    (["--compile_backend", "aot_eager"], "--compile_backend needs --compile"),
+])
+def test_compile_settings_without_compile_are_refused_before_the_model_builds(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        trainer_module.run(LCMObjective, ["--use_mock_dataset", "--mock_size", "2", "--output_dir", str(tmp_path),
+                                          *flags], "test")
+
+
+def test_reduce_overhead_is_not_a_training_compile_mode():
+    with pytest.raises(SystemExit):
+        build_argument_parser().parse_args(["--compile", "--compile_mode", "reduce-overhead"])

@@ -11,6 +11,7 @@ import argparse
 
 from ..anytext2.config import MODELS_YAML_DIR, REPO_ROOT
 from ..distillation.lora import DEFAULT_LORA_TARGETS, LORA_TARGET_SETS
+from .speed import TRAINING_COMPILE_MODES
 
 DEFAULT_NEGATIVE_PROMPT = (
     "low-res, bad anatomy, extra digit, fewer digits, cropped, worst quality, low quality, watermark, "
@@ -103,6 +104,18 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     opt.add_argument("--no_fused_adamw", action="store_true",
                      help="use torch's default AdamW loop instead of the fused kernel (fused is used wherever torch "
                      "supports the LoRA parameters: CUDA and CPU, float parameters)")
+    opt.add_argument("--compile", action="store_true",
+                     help="torch.compile the UNet and WriteNet the teacher and student share (opt-in: not bit-exact, "
+                     "outputs move by float round-off; each new batch shape and adapter state compiles once)")
+    opt.add_argument("--compile_mode", choices=TRAINING_COMPILE_MODES, default="default",
+                     help="torch.compile mode with --compile (CUDA graphs, reduce-overhead, are not offered: the "
+                     "teacher and student calls alternate adapter states on the same modules)")
+    opt.add_argument("--compile_backend", default="inductor",
+                     help="torch.compile backend with --compile; aot_eager traces the same graphs without "
+                     "generating kernels (a quick check that a model compiles)")
+    opt.add_argument("--channels_last", action="store_true",
+                     help="channels-last memory format for the UNet and WriteNet (opt-in: other convolution kernels, "
+                     "outputs move by float round-off)")
     opt.add_argument("--seed", type=int, default=42)
     opt.add_argument("--max_consecutive_nonfinite", type=int, default=5,
                      help="stop with an error after this many optimizer steps in a row whose loss (on any rank) or "

@@ -1,9 +1,9 @@
-"""Exact speed settings of the trainer: TF32 matmuls/convolutions and AdamW's fused kernel.
+"""Speed settings of the trainer: TF32 matmuls/convolutions, AdamW's fused kernel, and the opt-in
+model-level ones (``torch.compile``, channels-last) of ``anytext2/acceleration.py``.
 
-Both are chosen once when the trainer is built and reported in its log, so a run says which path it
-took. Model-level acceleration (``torch.compile``, channels-last) is not here: it changes the model's
-modules, so it belongs where the trainer prepares the models (after LoRA is attached, before
-``accelerator.prepare`` wraps the student).
+All are chosen once when the trainer is built and reported in its log, so a run says which path it
+took. The model-level ones are applied where the trainer prepares the models: after LoRA is attached
+(the compiled code traces the LoRA layers), before ``accelerator.prepare`` wraps the student.
 """
 
 from __future__ import annotations
@@ -12,9 +12,17 @@ import argparse
 from collections.abc import Iterable
 
 import torch
+from torch import nn
+
+from ..anytext2.acceleration import COMPILE_MODES, CUDA_GRAPH_MODE, Acceleration, accelerate_model
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 FUSED_ADAMW_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# CUDA graphs replay fixed memory; the teacher and the student call the same modules in turn (adapters off
+# and on), and backward needs the forward's activations, so training offers the graph-free modes only
+TRAINING_COMPILE_MODES = tuple(mode for mode in COMPILE_MODES if mode != CUDA_GRAPH_MODE)
+# the VAE decoder does not run in training (latents are encoded, never decoded, except in previews)
+TRAINED_MODULES = ("unet", "writenet")
 
 
 def configure_tf32(enabled: bool) -> None:
@@ -71,3 +79,16 @@ def keep_implementation(optimizer: torch.optim.Optimizer, implementation: str) -
             state = optimizer.state.get(param)
             if state and "step" in state:
                 state["step"] = state["step"].to(param.device if fused else torch.device("cpu"), torch.float32)
+
+
+def check_model_speed_flags(args: argparse.Namespace) -> None:
+    """Refuse a compile setting that would be ignored, before the model is built."""
+    if not args.compile and (args.compile_mode != "default" or args.compile_backend != "inductor"):
+        flag = "--compile_mode" if args.compile_mode != "default" else "--compile_backend"
+        raise ValueError(f"{flag} needs --compile")
+
+
+def accelerate_trained_modules(model: nn.Module, args: argparse.Namespace) -> Acceleration:
+    """Channels-last and/or ``torch.compile`` for the UNet and WriteNet, from the flags (no-op without them)."""
+    return accelerate_model(model, compile=args.compile, compile_mode=args.compile_mode,
+                            channels_last=args.channels_last, backend=args.compile_backend, modules=TRAINED_MODULES)

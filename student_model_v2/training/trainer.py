@@ -53,7 +53,8 @@ from .data import build_dataloaders
 from .distributed import refuse_sharded_teacher
 from .nonfinite import NonFiniteGuard
 from .previews import save_preview_grid
-from .speed import build_adamw, configure_tf32, keep_implementation, tf32_state
+from .speed import (accelerate_trained_modules, build_adamw, check_model_speed_flags, configure_tf32,
+                    keep_implementation, tf32_state)
 from .stopping import SIGTERM_EXIT_CODE, StopRequest, shutdown_workers
 
 logger = logging.getLogger("student_model_v2.train")
@@ -329,6 +330,7 @@ class Trainer:
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         configure_tf32(args.allow_tf32)
+        check_model_speed_flags(args)
         if args.pin_memory is None:
             args.pin_memory = acc.device.type == "cuda"
         refuse_sharded_teacher(acc.state)
@@ -348,12 +350,13 @@ class Trainer:
         # LoRA init above is identical on every rank; from here the global RNGs (LoRA dropout masks) differ per rank
         set_seed(args.seed, device_specific=True)
         self.student = StudentForward(self.peft_model)
-        # model-level acceleration (torch.compile, channels-last) belongs here: after LoRA, before prepare
+        self.acceleration = accelerate_trained_modules(self.peft_model, args)
         self.lora_parameters = lora_parameter_counts(self.student)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer, self.optimizer_implementation = build_adamw(params, args)
-        logger.info("AdamW: %s; TF32 %s; pinned batches: %s", self.optimizer_implementation, tf32_state(),
-                    args.pin_memory)
+        logger.info("AdamW: %s; TF32 %s; pinned batches: %s; compiled: %s; channels-last: %s",
+                    self.optimizer_implementation, tf32_state(), args.pin_memory, self.acceleration.compiled,
+                    self.acceleration.channels_last)
         loaders = build_dataloaders(args, eval_samples=args.eval_batches * args.train_batch_size * acc.num_processes)
         self.dataset_stats = loaders.stats
         self.student, self.optimizer, self.train_loader = acc.prepare(self.student, self.optimizer, loaders.train)
