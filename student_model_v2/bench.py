@@ -224,7 +224,6 @@ def _train_loader(trainer, batch_size: int):
 
 def _measure(trainer, loader, batch_size: int, args: argparse.Namespace) -> dict:
     """Warm-up, then timed optimizer steps with the loader in the loop; memory, passes and FLOPs of a step."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     device = trainer.accelerator.device

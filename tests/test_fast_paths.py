@@ -23,7 +23,12 @@ import torch
 
 from student_model_v2.anytext2.acceleration import accelerate_model
 from student_model_v2.anytext2.checkpoint import build_random_teacher
-from student_model_v2.distillation.samplers import StudentSampling, repeat_conditions, sample_student, sample_teacher_ddim
+from student_model_v2.distillation.samplers import (
+    StudentSampling,
+    repeat_conditions,
+    sample_student,
+    sample_teacher_ddim,
+)
 from student_model_v2.inference import fast_sampling
 from student_model_v2.inference.fast_sampling import ddim_steps, run_student, run_teacher, student_steps
 from student_model_v2.inference.pipeline import AnyText2Pipeline, SamplingOptions, TextRequest

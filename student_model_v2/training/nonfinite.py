@@ -12,7 +12,6 @@ optimizer state stay as they were. ``--max_consecutive_nonfinite`` skips in a ro
 from __future__ import annotations
 
 import torch
-from accelerate import Accelerator
 
 
 class NonFiniteLossError(RuntimeError):

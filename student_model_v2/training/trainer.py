@@ -24,8 +24,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, broadcast_object_list,
-                              gather_object, set_seed)
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
@@ -53,8 +58,14 @@ from .data import build_dataloaders
 from .distributed import refuse_sharded_teacher
 from .nonfinite import NonFiniteGuard
 from .previews import save_preview_grid
-from .speed import (accelerate_trained_modules, build_adamw, check_model_speed_flags, configure_tf32,
-                    keep_implementation, tf32_state)
+from .speed import (
+    accelerate_trained_modules,
+    build_adamw,
+    check_model_speed_flags,
+    configure_tf32,
+    keep_implementation,
+    tf32_state,
+)
 from .stopping import SIGTERM_EXIT_CODE, StopRequest, shutdown_workers
 
 logger = logging.getLogger("student_model_v2.train")
