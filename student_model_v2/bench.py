@@ -65,7 +65,7 @@ if __package__ in (None, ""):  # run as a file: see _script_mode.py
 
 from student_model_v2.anytext2.acceleration import COMPILE_MODES
 from student_model_v2.anytext2.config import MODELS_YAML_DIR
-from student_model_v2.distillation.lora import DEFAULT_LORA_TARGETS, LORA_TARGET_SETS
+from student_model_v2.distillation.lora_targets import DEFAULT_LORA_TARGETS, LORA_TARGET_SETS
 from student_model_v2.evaluation.report import write_json
 from student_model_v2.training.args import DEFAULT_DATASET
 from student_model_v2.training.speed import TRAINING_COMPILE_MODES

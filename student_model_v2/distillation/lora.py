@@ -19,10 +19,9 @@ from ..anytext2.attention import CrossAttention, FeedForward, SpatialTransformer
 from ..anytext2.model import AnyText2Model
 from ..anytext2.unet import Downsample, ResBlock, Upsample
 from .adapter_check import check_adapter
+from .lora_targets import DEFAULT_LORA_TARGETS, LORA_TARGET_SETS
 
 FROZEN_WRITENET_BLOCKS = ("glyph_block", "position_block", "fuse_block_za")
-LORA_TARGET_SETS: tuple[str, ...] = ("official", "attention")
-DEFAULT_LORA_TARGETS = "official"
 WRITENET_OUTPUTS = "writenet_outputs"
 
 # The diffusers LCM-LoRA script's target list (``train_lcm_distill_lora_sd_wds.py``), each entry mapped

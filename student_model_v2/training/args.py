@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..anytext2.config import MODELS_YAML_DIR, REPO_ROOT
-from ..distillation.lora import DEFAULT_LORA_TARGETS, LORA_TARGET_SETS
+from ..distillation.lora_targets import DEFAULT_LORA_TARGETS, LORA_TARGET_SETS
 from .speed import TRAINING_COMPILE_MODES
 
 DEFAULT_NEGATIVE_PROMPT = (
