@@ -245,3 +245,16 @@ def test_training_flag_font_dir_reaches_the_dataset(tmp_path, font_dir):
     assert [f.path.name for f in with_dir.builder.fonts.fonts] == ["DejaVuSans.ttf", NOTO]
     default = build_dataset(build_parser("t").parse_args(common))
     assert [f.path.name for f in default.builder.fonts.fonts] == [NOTO]
+
+
+@pytest.mark.parametrize("layout", ["raqm", "basic"])
+def test_coverage_is_the_fonts_own_map_under_either_layout(layout):
+    """The bundled subset has no combining marks and no Thai; drawn alone with RAQM they come out as empty
+    zero-width glyphs, unlike .notdef, and used to count as covered (and then draw nothing)."""
+    if layout == "raqm" and not HAS_RAQM:
+        pytest.fail("Pillow without libraqm: `make test` installs libfribidi for RAQM")
+    font = GlyphFont(DEFAULT_FONT_PATH, layout=layout)
+    assert [font.has_char(ch) for ch in ("\u0301", "\u0e31", "\u0e01")] == [False, False, False]
+    assert [font.has_char(ch) for ch in ("a", "中", " ")] == [True, True, True]
+    dejavu = GlyphFont(_dejavu(), layout=layout)
+    assert dejavu.has_char("\u0301") and dejavu.has_char("\u05d0")  # DejaVu has them

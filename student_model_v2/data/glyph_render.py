@@ -128,6 +128,7 @@ class GlyphFont:
         self._faces: dict[int, ImageFont.FreeTypeFont] = {}
         self._has_char: dict[str, bool] = {}
         self._notdef: tuple | None = None
+        self._probe_face: ImageFont.FreeTypeFont | None = None
         self._sha1: str | None = None
 
     def __getstate__(self) -> dict:
@@ -160,7 +161,12 @@ class GlyphFont:
         return self._sha1
 
     def _signature(self, ch: str) -> tuple:
-        face = self.get(_PROBE_SIZE)
+        """What one character draws as, with BASIC layout whatever the font renders with: the question is
+        whether the font maps it (its cmap), and RAQM shapes a lone character, drawing a combining mark or
+        a Thai vowel the font lacks as an empty zero-width glyph unlike .notdef, i.e. as "present"."""
+        if self._probe_face is None:
+            self._probe_face = ImageFont.truetype(str(self.path), _PROBE_SIZE, layout_engine=ImageFont.Layout.BASIC)
+        face = self._probe_face
         mask = face.getmask(ch)
         return mask.size, bytes(mask), face.getbbox(ch)
 
