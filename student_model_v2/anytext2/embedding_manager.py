@@ -86,7 +86,7 @@ def style_crops(font_hint: torch.Tensor, positions: Sequence[torch.Tensor], n_li
     sources = units_to_recognizer_images(font_hint.float())
     masks = positions_to_masks(torch.stack([positions[j][i] for i, j in order]).float())
     plans = [plan_crop(mask[:, :, 0]) for mask in masks]
-    crops: list[torch.Tensor | None] = [None] * len(order)
+    crops: dict[int, torch.Tensor] = {}
     groups: dict[tuple[int, int], list[int]] = {}
     for k, plan in enumerate(plans):
         if min(plan.out_height, plan.out_width) == 0:
@@ -96,9 +96,8 @@ def style_crops(font_hint: torch.Tensor, positions: Sequence[torch.Tensor], n_li
     for indices in groups.values():
         samples = torch.tensor([order[k][0] for k in indices], device=sources.device)
         warped = warp_crops(sources.index_select(0, samples), [plans[k] for k in indices])
-        for k, crop in zip(indices, warped.unbind(0)):
-            crops[k] = crop
-    return [crop for crop in crops if crop is not None]
+        crops.update(zip(indices, warped.unbind(0)))
+    return [crops[k] for k in range(len(order))]
 
 
 class EmbeddingManager(nn.Module):

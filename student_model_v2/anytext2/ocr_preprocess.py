@@ -14,6 +14,8 @@ The per-pixel work (rescale, rotate, resize, normalise, pad, and the crop's warp
 call per group of equal-shaped images, on the images' own device; shapes are host-side metadata, so
 grouping never reads a tensor back. Every op involved treats batch rows independently, so on the CPU
 the batched results equal the one-image-at-a-time results bit for bit (tests/test_conditioning_batched.py).
+On a CUDA device the same ops run as CUDA kernels, whose float32 bilinear sampling may differ from the
+CPU's in the last bits (not measured here: no GPU in the tests).
 Only the min-area box needs the host (OpenCV), and it reads the position masks, never the images.
 """
 
@@ -105,16 +107,16 @@ def batched_by_shape(images: Sequence[torch.Tensor], transform: Callable[[torch.
 
     ``transform`` maps ``[n, ...]`` to ``[n, *out]`` with the same ``out`` for every group.
     """
+    if len(images) == 0:
+        raise ValueError("batched_by_shape needs at least one image")
     groups = list(shape_groups(images).values())
     if len(groups) == 1:
         return transform(torch.stack(list(images)))
-    out: torch.Tensor | None = None
-    for indices in groups:
-        result = transform(torch.stack([images[k] for k in indices]))
-        if out is None:
-            out = result.new_empty((len(images), *result.shape[1:]))
+    results = [(indices, transform(torch.stack([images[k] for k in indices]))) for indices in groups]
+    first = results[0][1]
+    out = first.new_empty((len(images), *first.shape[1:]))
+    for indices, result in results:
         out[torch.tensor(indices, device=out.device)] = result
-    assert out is not None
     return out
 
 
