@@ -4,6 +4,10 @@ Each line embedding is the sum of four terms (AnyText2's ``enable_flag=False`` a
 line, even with a blank font hint or the "unspecified" colour):
 glyph OCR features of the rendered line, a position-mask encoding, style OCR features of the font-hint
 crop, and a colour projection of the RGB value on the 0-255 scale (500 = unspecified).
+
+The OCR inputs are built on the model's (glyph lines) and the font hint's (style crops) device, batched
+per shape group; the only device-to-host read is the one stacked copy of the position masks that the
+OpenCV min-area box needs.
 """
 
 from __future__ import annotations
@@ -15,7 +19,15 @@ import torch
 from torch import nn
 
 from .ocr import RecModel
-from .ocr_preprocess import crop_image, position_to_mask, prepare_recognizer_inputs, unit_to_recognizer_image
+from .ocr_preprocess import (
+    batched_by_shape,
+    plan_crop,
+    positions_to_masks,
+    prepare_recognizer_batch,
+    prepare_recognizer_inputs,
+    units_to_recognizer_images,
+    warp_crops,
+)
 
 TOKEN_DIM = 768
 OCR_FEATURES = 40 * 64
@@ -63,20 +75,29 @@ class LineEmbeddings:
 
 
 def style_crops(font_hint: torch.Tensor, positions: Sequence[torch.Tensor], n_lines: Sequence[int]) -> list[torch.Tensor]:
-    """Crop each line's region out of the font hint (0..255, 3 channels), sample-major.
+    """Crop each line's region out of the font hint (0..1, 1 or 3 channels) as 0..255 CHW, sample-major.
 
-    A line whose box is under one pixel thick (a tiny polygon at low resolution) gives an empty crop,
-    on which the original crashes; it becomes a blank crop, i.e. "no font hint" for that line.
+    The crops stay on the font hint's device: the position masks go to the host in one stacked copy for
+    the min-area boxes, then one batched warp runs per output size. A line whose box is under one pixel
+    thick (a tiny polygon at low resolution) gives an empty crop, on which the original crashes; it
+    becomes a blank crop, i.e. "no font hint" for that line.
     """
-    crops = []
-    for i, count in enumerate(n_lines):
-        source = unit_to_recognizer_image(font_hint[i].float().cpu())
-        for j in range(count):
-            crop = crop_image(source, position_to_mask(positions[j][i].float()))
-            if min(crop.shape[1:]) == 0:
-                crop = crop.new_zeros(3, max(1, crop.shape[1]), max(1, crop.shape[2]))
-            crops.append(crop)
-    return crops
+    order = [(i, j) for i, count in enumerate(n_lines) for j in range(count)]
+    sources = units_to_recognizer_images(font_hint.float())
+    masks = positions_to_masks(torch.stack([positions[j][i] for i, j in order]).float())
+    plans = [plan_crop(mask[:, :, 0]) for mask in masks]
+    crops: dict[int, torch.Tensor] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, plan in enumerate(plans):
+        if min(plan.out_height, plan.out_width) == 0:
+            crops[k] = sources.new_zeros(3, max(1, plan.out_height), max(1, plan.out_width))
+        else:
+            groups.setdefault((plan.out_height, plan.out_width), []).append(k)
+    for indices in groups.values():
+        samples = torch.tensor([order[k][0] for k in indices], device=sources.device)
+        warped = warp_crops(sources.index_select(0, samples), [plans[k] for k in indices])
+        crops.update(zip(indices, warped.unbind(0)))
+    return [crops[k] for k in range(len(order))]
 
 
 class EmbeddingManager(nn.Module):
@@ -110,12 +131,15 @@ class EmbeddingManager(nn.Module):
         order = [(i, j) for i, count in enumerate(n_lines) for j in range(count)]
         if not order:
             raise ValueError("a batch needs at least one text line per sample to build line embeddings")
-        lines = [gly_line[j][i].float() for i, j in order]
-        glyph_input = prepare_recognizer_inputs([unit_to_recognizer_image(line.cpu()) for line in lines]).to(device, dtype)
+        glyph_input = batched_by_shape(
+            [gly_line[j][i].reshape(gly_line[j].shape[-3:]) for i, j in order],
+            lambda lines: prepare_recognizer_batch(units_to_recognizer_images(lines.to(device, torch.float32))),
+        ).to(dtype)
         crops = style_crops(font_hint, positions, n_lines)
         if mimic_images is not None:
             crops = [
-                mimic_images[i][j].float() if mimic_images[i] is not None and mimic_images[i][j] is not None else crop
+                mimic_images[i][j].to(crop.device, torch.float32)
+                if mimic_images[i] is not None and mimic_images[i][j] is not None else crop
                 for crop, (i, j) in zip(crops, order)
             ]
         style_input = prepare_recognizer_inputs(crops).to(device, dtype)

@@ -9,12 +9,21 @@ Everything here works on CHW tensors on the 0..255 scale, the convention of the 
 
 The original sorts images by aspect ratio and runs them in batches of 6; in eval mode every sample
 is processed independently, so one batch in input order gives the same numbers.
+
+The per-pixel work (rescale, rotate, resize, normalise, pad, and the crop's warp) runs batched, one
+call per group of equal-shaped images, on the images' own device; shapes are host-side metadata, so
+grouping never reads a tensor back. Every op involved treats batch rows independently, so on the CPU
+the batched results equal the one-image-at-a-time results bit for bit (tests/test_conditioning_batched.py).
+On a CUDA device the same ops run as CUDA kernels, whose float32 bilinear sampling may differ from the
+CPU's in the last bits (not measured here: no GPU in the tests).
+Only the min-area box needs the host (OpenCV), and it reads the position masks, never the images.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -46,6 +55,15 @@ def unit_to_recognizer_image(image: torch.Tensor) -> torch.Tensor:
     return image * 255
 
 
+def units_to_recognizer_images(batch: torch.Tensor) -> torch.Tensor:
+    """Batched :func:`unit_to_recognizer_image`: ``[N,C,H,W]`` in 0..1, C in (1, 3) -> ``[N,3,H,W]`` 0..255."""
+    if batch.dim() != 4 or batch.shape[1] not in (1, 3):
+        raise ValueError(f"expected a [N,C,H,W] batch with C in (1, 3), got shape {tuple(batch.shape)}")
+    if batch.shape[1] == 1:
+        batch = batch.repeat(1, 3, 1, 1)
+    return batch * 255
+
+
 def rotate_if_tall(image: torch.Tensor) -> torch.Tensor:
     """Rotate a CHW image 90 degrees counter-clockwise when ``h > 1.2 w`` so vertical text reads sideways.
 
@@ -63,27 +81,56 @@ def resized_width(height: int, width: int) -> int:
     return REC_WIDTH if target > REC_WIDTH else int(target)
 
 
-def resize_normalize_pad(image: torch.Tensor) -> torch.Tensor:
-    """Resize a CHW 0..255 image to 48 x w', map to [-1, 1], then zero-pad on the right to 320."""
-    channels, height, width = image.shape
+def prepare_recognizer_batch(batch: torch.Tensor) -> torch.Tensor:
+    """Equal-shaped ``[N,3,H,W]`` 0..255 images -> ``[N,3,48,320]``: rotate if tall, resize to 48 x w'
+    (aspect kept), map to [-1, 1], then zero-pad on the right to 320. Runs on ``batch``'s device."""
+    height, width = batch.shape[2:]
+    if height > width * ROTATE_RATIO:
+        batch = batch.transpose(2, 3).flip(dims=[2])
+        height, width = width, height
     new_width = resized_width(height, width)
-    resized = F.interpolate(image.unsqueeze(0), size=(REC_HEIGHT, new_width), mode="bilinear", align_corners=True)
+    resized = F.interpolate(batch, size=(REC_HEIGHT, new_width), mode="bilinear", align_corners=True)
     resized = (resized / 255.0 - 0.5) / 0.5
-    padded = image.new_zeros((channels, REC_HEIGHT, REC_WIDTH))
-    padded[:, :, :new_width] = resized[0]
-    return padded
+    return F.pad(resized, (0, REC_WIDTH - new_width))
+
+
+def shape_groups(images: Sequence[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
+    """Indices of ``images`` grouped by shape, in first-seen order (shapes are host metadata: no sync)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(index)
+    return groups
+
+
+def batched_by_shape(images: Sequence[torch.Tensor], transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Stack each equal-shape group of ``images``, apply ``transform`` once per group, rows in input order.
+
+    ``transform`` maps ``[n, ...]`` to ``[n, *out]`` with the same ``out`` for every group.
+    """
+    if len(images) == 0:
+        raise ValueError("batched_by_shape needs at least one image")
+    groups = list(shape_groups(images).values())
+    if len(groups) == 1:
+        return transform(torch.stack(list(images)))
+    results = [(indices, transform(torch.stack([images[k] for k in indices]))) for indices in groups]
+    first = results[0][1]
+    out = first.new_empty((len(images), *first.shape[1:]))
+    for indices, result in results:
+        out[torch.tensor(indices, device=out.device)] = result
+    return out
 
 
 def prepare_recognizer_inputs(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack CHW 3-channel 0..255 images into the normalised, padded batch ``[N, 3, 48, 320]``."""
+    """Stack CHW 3-channel 0..255 images (one device) into the normalised, padded batch ``[N, 3, 48, 320]``.
+
+    One :func:`prepare_recognizer_batch` call per distinct image shape.
+    """
     if len(images) == 0:
         raise ValueError("prepare_recognizer_inputs needs at least one image")
-    batch = []
     for index, image in enumerate(images):
         if image.dim() != 3 or image.shape[0] != 3 or min(image.shape[1:]) == 0:
             raise ValueError(f"recogniser image {index} must be a non-empty [3,H,W] tensor, got {tuple(image.shape)}")
-        batch.append(resize_normalize_pad(rotate_if_tall(image)))
-    return torch.stack(batch, dim=0)
+    return batched_by_shape(images, prepare_recognizer_batch)
 
 
 def position_to_mask(position: torch.Tensor) -> np.ndarray:
@@ -94,7 +141,14 @@ def position_to_mask(position: torch.Tensor) -> np.ndarray:
     """
     if position.dim() != 3 or position.shape[0] != 1:
         raise ValueError(f"expected a [1,H,W] position map, got shape {tuple(position.shape)}")
-    return position.permute(1, 2, 0).detach().cpu().numpy().astype(np.uint8) * 255
+    return positions_to_masks(position.unsqueeze(0))[0]
+
+
+def positions_to_masks(positions: torch.Tensor) -> np.ndarray:
+    """Batched :func:`position_to_mask`: ``[N,1,H,W]`` -> ``[N,H,W,1]`` uint8, in one device-to-host read."""
+    if positions.dim() != 4 or positions.shape[1] != 1:
+        raise ValueError(f"expected [N,1,H,W] position maps, got shape {tuple(positions.shape)}")
+    return positions.permute(0, 2, 3, 1).detach().cpu().numpy().astype(np.uint8) * 255
 
 
 def min_area_box(mask: np.ndarray) -> np.ndarray:
@@ -154,24 +208,51 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return transform
 
 
-def _warp(image: torch.Tensor, matrix: np.ndarray, out_height: int, out_width: int) -> torch.Tensor:
-    """Apply the pixel-space affine ``matrix`` (source -> output) and keep output rows/cols from 0.
+@dataclass(frozen=True)
+class CropPlan:
+    """Host-side part of a crop: the normalised source->output ``theta`` (2x3) and the output size."""
+
+    theta: np.ndarray
+    out_height: int
+    out_width: int
+
+
+def plan_crop(mask: np.ndarray) -> CropPlan:
+    """Min-area box of ``mask`` (HxW uint8) and the affine that deskews it onto ``[0, w) x [0, h)``.
 
     The original warps the whole image with ``affine_grid`` over its full size and then cuts the box
-    out; sampling only the box's grid points gives the same values at a fraction of the cost. The
-    normalised coordinates are those ``affine_grid(align_corners=True)`` builds for the full size.
+    out; sampling only the box's grid points gives the same values at a fraction of the cost, so
+    ``theta`` is expressed in the normalised coordinates ``affine_grid(align_corners=True)`` builds for
+    the full source size (that of ``mask``).
     """
-    channels, height, width = image.shape
-    to_unit = np.array([[2 / width, 0, -1], [0, 2 / height, -1], [0, 0, 1]])
-    theta = np.linalg.inv(to_unit @ matrix @ np.linalg.inv(to_unit))
-    theta_t = torch.from_numpy(theta[:2, :]).to(dtype=torch.float32, device=image.device)
-    xs = torch.linspace(-1, 1, width, device=image.device)[:out_width]
-    ys = torch.linspace(-1, 1, height, device=image.device)[:out_height]
+    corners = min_area_box(np.ascontiguousarray(mask)).astype(np.float32)
+    width = max(np.linalg.norm(corners[0] - corners[1]), np.linalg.norm(corners[2] - corners[3]))
+    height = max(np.linalg.norm(corners[0] - corners[3]), np.linalg.norm(corners[1] - corners[2]))
+    target = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float32)
+    source_height, source_width = mask.shape
+    to_unit = np.array([[2 / source_width, 0, -1], [0, 2 / source_height, -1], [0, 0, 1]])
+    theta = np.linalg.inv(to_unit @ similarity_transform(corners, target) @ np.linalg.inv(to_unit))
+    return CropPlan(theta[:2, :], min(int(height), source_height), min(int(width), source_width))
+
+
+def warp_crops(sources: torch.Tensor, plans: Sequence[CropPlan]) -> torch.Tensor:
+    """Cut ``plans[n]``'s box out of ``sources[n]`` (``[N,C,H,W]``, 0..255), all plans of one output size.
+
+    One ``grid_sample`` for the batch, on ``sources``' device; the thetas travel host->device in one copy.
+    Output rows/cols start at 0 of the full-size grid (see :func:`plan_crop`), clamped to 0..255.
+    """
+    out_height, out_width = plans[0].out_height, plans[0].out_width
+    if any((plan.out_height, plan.out_width) != (out_height, out_width) for plan in plans):
+        raise ValueError("warp_crops needs plans of one output size; group them by (out_height, out_width)")
+    _, _, height, width = sources.shape
+    device = sources.device
+    theta = torch.from_numpy(np.stack([plan.theta for plan in plans])).to(dtype=torch.float32, device=device)
+    xs = torch.linspace(-1, 1, width, device=device)[:out_width]
+    ys = torch.linspace(-1, 1, height, device=device)[:out_height]
     base = torch.stack([xs.expand(out_height, -1), ys[:, None].expand(-1, out_width),
-                        torch.ones(out_height, out_width, device=image.device)], dim=-1)
-    grid = (base.reshape(-1, 3) @ theta_t.T).reshape(1, out_height, out_width, 2)
-    warped = F.grid_sample(image.unsqueeze(0), grid.to(image.dtype), align_corners=True)
-    return warped.squeeze(0)
+                        torch.ones(out_height, out_width, device=device)], dim=-1)
+    grid = (base.reshape(1, -1, 3) @ theta.transpose(1, 2)).reshape(len(plans), out_height, out_width, 2)
+    return F.grid_sample(sources, grid.to(sources.dtype), align_corners=True).clamp(0, 255)
 
 
 def crop_image(src: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
@@ -191,9 +272,4 @@ def crop_image(src: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
         raise ValueError(f"crop_image mask must be HxW or HxWx1, got shape {mask.shape}")
     if src.dim() != 3 or tuple(src.shape[1:]) != mask.shape:
         raise ValueError(f"crop_image source {tuple(src.shape)} does not match mask {mask.shape}")
-    corners = min_area_box(np.ascontiguousarray(mask)).astype(np.float32)
-    width = max(np.linalg.norm(corners[0] - corners[1]), np.linalg.norm(corners[2] - corners[3]))
-    height = max(np.linalg.norm(corners[0] - corners[3]), np.linalg.norm(corners[1] - corners[2]))
-    target = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float32)
-    out_height, out_width = min(int(height), src.shape[1]), min(int(width), src.shape[2])
-    return _warp(src, similarity_transform(corners, target), out_height, out_width).clamp(0, 255)
+    return warp_crops(src.unsqueeze(0), [plan_crop(mask)])[0]
