@@ -220,8 +220,9 @@ class Conditioning:
 
     def text_info(self, masked_x: torch.Tensor, device: torch.device | None = None) -> TextInfo:
         """The model's per-line inputs. With ``device`` the glyph renders, which only the device uses (WriteNet),
-        are copied there first (pinned, non-blocking on CUDA); the line crops, font hint and positions stay on
-        the CPU, where the OCR preprocessing reads them."""
+        are copied there first (pinned, non-blocking on CUDA). The glyph lines, font hint and positions stay on
+        the CPU: the embedding manager moves the glyph lines to the device in one batch for their OCR
+        preprocessing, reads the positions' boxes on the host and crops the font hint where it lies."""
         glyphs = self.glyphs if device is None else [to_device(g, device) for g in self.glyphs]
         mimic = [list(self.mimic_crops)] if self.mimic_crops and any(c is not None for c in self.mimic_crops) else None
         return TextInfo(glyphs=glyphs, gly_line=self.gly_line, positions=self.positions, colors=self.colors,
