@@ -21,8 +21,8 @@ from student_model_v2.training.speed import build_adamw, configure_tf32, keep_im
 from tests.conftest import REPO_ROOT
 
 HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "cpu", "tolist", "numpy")
-# Conditioning still reads the batch on the host (OCR preprocessing of each line, line counts, caption
-# placeholders); moving it to the device is the inference fast-path work of issue 14, not the trainer's.
+# Conditioning still reads the batch on the host a few times per step (the position masks once for the style
+# crops' boxes, line counts, caption placeholders); tests/test_conditioning_batched.py counts its reads.
 CONDITIONING_FILES = ("student_model_v2/anytext2/", "student_model_v2/distillation/conditioning.py")
 ADAMW_FLAGS = dict(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8)
 
