@@ -219,14 +219,15 @@ class Conditioning:
         return int(self.masked_image.shape[-1])
 
     def text_info(self, masked_x: torch.Tensor, device: torch.device | None = None) -> TextInfo:
-        """The model's per-line inputs. With ``device`` the glyph renders, which only the device uses (WriteNet),
-        are copied there first (pinned, non-blocking on CUDA). The glyph lines, font hint and positions stay on
-        the CPU: the embedding manager moves the glyph lines to the device in one batch for their OCR
-        preprocessing, reads the positions' boxes on the host and crops the font hint where it lies."""
+        """The model's per-line inputs. With ``device`` the glyph renders (WriteNet's input) and the font hint
+        (style crops: per-pixel warps) are copied there first (pinned, non-blocking on CUDA). The glyph lines
+        and positions stay on the CPU: the embedding manager moves the glyph lines to the device in one batch
+        for their OCR preprocessing, and reads the positions' boxes on the host, where they already are."""
         glyphs = self.glyphs if device is None else [to_device(g, device) for g in self.glyphs]
+        font_hint = self.font_hint if device is None else to_device(self.font_hint, device)
         mimic = [list(self.mimic_crops)] if self.mimic_crops and any(c is not None for c in self.mimic_crops) else None
         return TextInfo(glyphs=glyphs, gly_line=self.gly_line, positions=self.positions, colors=self.colors,
-                        font_hint=self.font_hint, masked_x=masked_x, n_lines=[len(self.texts)], mimic_images=mimic)
+                        font_hint=font_hint, masked_x=masked_x, n_lines=[len(self.texts)], mimic_images=mimic)
 
     def describe(self) -> str:
         """The prompts with the texts put back in place of the placeholders (for logs and the UI)."""
