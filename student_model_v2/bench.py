@@ -26,6 +26,8 @@ rule (fine for timing: the cost does not depend on the weights). ``--find_max_ba
 largest batch that fits (doubling from 1, then bisection; each try runs ``--try_steps`` steps and fails
 on ``torch.OutOfMemoryError`` or a peak above ``--memory_limit_gb``, up to ``--max_batch`` and the
 training set's size), lists every try, and times ``--steps`` steps at the batch it found.
+``--no_tf32``, ``--no_fused_adamw``, ``--compile [--compile_mode]`` and ``--channels_last`` pass the
+trainer's flags of the same names through (``--warmup`` steps absorb the compiling).
 
 ``infer``: one inference request (glyph rendering, OCR/CLIP/VAE-encode conditioning, sampling, VAE
 decode; same request, image count and seed) for the teacher (20 DDIM steps, CFG 7.5, cond+uncond rows
